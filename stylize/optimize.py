@@ -1,0 +1,529 @@
+"""The Gatys et al. optimization: an image is optimized so that its VGG19
+features match the content photo's and its Gram matrices match the painting's.
+
+``Engine`` holds the network on one device (loaded once) and runs jobs;
+``StyleTargets`` holds a style's Gram matrices per size, computed once and
+reused across many content images. The loop reports one ``Record`` per loss
+evaluation to a callback and returns them all with the ``Result``; it never
+prints.
+
+The optimized variable is the RGB image in 0-1 (or its luminance, with
+``preserve_color``), whatever the weight set: each weight set applies its own
+preprocessing inside the network, so learning rates, noise and total
+variation mean the same for all of them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor, nn
+
+from . import images
+from .errors import ConfigError, InputError, OptimizationError, ResourceError
+from .features import LAYER_INDEX, VGG19Features, min_side, resolve_weights
+from .losses import ContentLoss, StyleLoss, TVLoss, gram
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+#: Coarse levels below this longest side carry too little structure to help.
+MIN_LEVEL_SIZE = 64
+#: L-BFGS history length. jcjohnson/neural-style and torch use 100; 50 halves
+#: the memory (2 * 50 image-sized vectors) with no visible difference here.
+LBFGS_HISTORY = 50
+#: Largest per-pixel change (0-1 RGB units) of L-BFGS's first step: about 2.5 grey levels.
+FIRST_STEP = 1e-2
+
+
+@dataclass(frozen=True)
+class Record:
+    """One loss evaluation. Losses are weighted as they enter the total."""
+
+    iteration: int  # evaluations so far in the whole run; 0 is the starting image
+    scale: int  # level, 1 = coarsest, ``scales`` = full size
+    total: float
+    content: float
+    style: float
+    tv: float
+    seconds: float  # since the run started
+
+
+@dataclass
+class Result:
+    """The stylized image and how it was made."""
+
+    image: Image.Image
+    records: list[Record]
+    seconds: float
+    device: str
+    precision: str
+    sizes: list[tuple[int, int]] = field(default_factory=list)  # (w, h) per level, coarse to fine
+    stopped_early: list[bool] = field(default_factory=list)  # per level
+
+
+RecordCallback = Callable[[Record], None]
+SnapshotCallback = Callable[[int, int, Image.Image], None]  # (iteration, scale, image)
+
+
+def resolve_device(spec: str = "auto") -> torch.device:
+    """``auto`` picks CUDA, then Apple MPS, then the CPU; ``cuda:N`` must exist."""
+    spec = (spec or "auto").strip().lower()
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise ConfigError(f"device {spec!r} is not one of auto, cpu, cuda, cuda:N, mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {spec!r} asked for, but CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"device {spec!r} asked for, but only {torch.cuda.device_count()} CUDA device(s) exist"
+            )
+    elif device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError("device 'mps' asked for, but Apple MPS is not available on this machine")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"device {spec!r} is not one of auto, cpu, cuda, cuda:N, mps")
+    return device
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True where the CPU runs bf16 convolutions natively (AVX-512 BF16 or AMX)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(spec: str, device: torch.device) -> torch.dtype:
+    """The dtype of the VGG pass: bf16 where it is fast and supported, else float32."""
+    if spec == "float32":
+        return torch.float32
+    if spec == "bfloat16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    if device.type == "cpu":
+        return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+    return torch.float32
+
+
+def level_sizes(width: int, height: int, settings: Settings) -> list[tuple[int, int]]:
+    """(w, h) for each coarse-to-fine level; each level is half the next, the last is ``size``."""
+    sizes = []
+    for k in range(settings.scales):
+        longest = round(settings.size / 2 ** (settings.scales - 1 - k))
+        if k < settings.scales - 1 and longest < MIN_LEVEL_SIZE:
+            continue
+        sizes.append(images.fit_size(width, height, longest))
+    return sizes
+
+
+class BatchedLBFGS:
+    """L-BFGS without line search (as torch.optim.LBFGS and neural-style use it),
+    for a batch of independent images: each image has its own history, step and
+    curvature scale, so a batch gives the same iterates as running each image alone.
+
+    ``step(evaluate)`` makes one update and evaluates once; ``evaluate()`` must
+    return per-image losses, shape (b,), computed from ``x``.
+    """
+
+    def __init__(self, x: Tensor, *, lr: float = 1.0, history: int = LBFGS_HISTORY):
+        self.x = x
+        self.lr = lr
+        self.history = history
+        self.s: list[Tensor] = []  # each (b, n)
+        self.y: list[Tensor] = []
+        self.rho: list[Tensor] = []  # each (b,); 0 where the pair failed the curvature test
+        self.gamma: Tensor | None = None  # (b,) initial Hessian scale
+        self.curved = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)  # has a curvature pair
+        self.g: Tensor | None = None  # (b, n) gradient at x
+
+    def _loss_and_grad(self, evaluate: Callable[[], Tensor]) -> Tensor:
+        self.x.grad = None
+        loss = evaluate()  # (b,)
+        loss.sum().backward()
+        self.g = self.x.grad.detach().flatten(1).clone()  # (b, n)
+        return loss.detach()
+
+    def start(self, evaluate: Callable[[], Tensor]) -> Tensor:
+        """Evaluate the starting point; returns its losses."""
+        return self._loss_and_grad(evaluate)
+
+    def _direction(self, g: Tensor) -> Tensor:
+        q = g.neg()
+        alphas = []
+        for s, y, rho in zip(reversed(self.s), reversed(self.y), reversed(self.rho)):
+            alpha = rho * (s * q).sum(1)  # (b,)
+            q.sub_(alpha[:, None] * y)
+            alphas.append(alpha)
+        if self.gamma is not None:
+            q.mul_(self.gamma[:, None])
+        for s, y, rho, alpha in zip(self.s, self.y, self.rho, reversed(alphas)):
+            beta = rho * (y * q).sum(1)
+            q.add_((alpha - beta)[:, None] * s)
+        return q  # (b, n)
+
+    def step(self, evaluate: Callable[[], Tensor]) -> Tensor:
+        """One update of every image in the batch, then one evaluation; returns the new losses."""
+        g = self.g
+        d = self._direction(g)
+        # Until an image has a curvature pair, its step is scaled so that no
+        # pixel moves more than FIRST_STEP (torch's rule, 1/|g|_1, gives steps
+        # so small at image scale that float32 noise swamps the curvature pair).
+        first = self.lr * FIRST_STEP / g.abs().amax(1).clamp_min(1e-30)  # (b,)
+        t = torch.where(self.curved, torch.full_like(first, self.lr), first)
+        s = t[:, None] * d
+        with torch.no_grad():
+            self.x.add_(s.view_as(self.x))
+        loss = self._loss_and_grad(evaluate)
+        y = self.g - g
+        ys = (y * s).sum(1)
+        yy = (y * y).sum(1)
+        # Curvature test relative to the scale of y, so tiny (per-element
+        # normalized) gradients are not mistaken for flat curvature.
+        ok = ys > 1e-10 * yy.clamp_min(1e-30)
+        self.s.append(s)
+        self.y.append(y)
+        self.rho.append(torch.where(ok, 1.0 / ys.where(ok, torch.ones_like(ys)), torch.zeros_like(ys)))
+        if len(self.s) > self.history:
+            del self.s[0], self.y[0], self.rho[0]
+        self.curved |= ok
+        new_gamma = ys / yy.clamp_min(1e-30)
+        self.gamma = new_gamma.where(ok, self.gamma if self.gamma is not None else torch.ones_like(ys))
+        return loss
+
+
+class Objective(nn.Module):
+    """Weighted content + style + TV loss of a batch of images, per image."""
+
+    def __init__(
+        self,
+        features: VGG19Features,
+        settings: Settings,
+        content_features: dict[str, Tensor],
+        style_grams: dict[str, Tensor],
+        dtype: torch.dtype,
+        channels_last: bool,
+    ):
+        super().__init__()
+        self.features = features
+        self.content_layers = list(settings.content_layers)
+        self.style_layers = list(settings.style_layers)
+        self.layers = sorted(set(self.content_layers) | set(self.style_layers), key=LAYER_INDEX.get)
+        self.content = nn.ModuleDict({n: ContentLoss(content_features[n]) for n in self.content_layers})
+        self.style = nn.ModuleDict({n: StyleLoss(style_grams[n]) for n in self.style_layers})
+        self.layer_weights = dict(zip(self.style_layers, settings.layer_weights()))
+        self.tv = TVLoss()
+        self.weights = (settings.content_weight, settings.style_weight, settings.tv_weight)
+        self.dtype = dtype
+        self.channels_last = channels_last
+
+    def forward(self, image: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        rgb = image.expand(-1, 3, -1, -1) if image.shape[1] == 1 else image  # luminance -> grey RGB
+        feats = run_features(self.features, rgb, self.layers, self.dtype, self.channels_last)
+        wc, ws, wt = self.weights
+        content = sum(self.content[n](feats[n]) for n in self.content_layers) / len(self.content_layers)
+        style = sum(self.layer_weights[n] * self.style[n](feats[n]) for n in self.style_layers)
+        tv = self.tv(image)
+        content, style, tv = wc * content, ws * style, wt * tv
+        return content + style + tv, content, style, tv  # each (b,)
+
+
+def run_features(
+    model: VGG19Features, rgb: Tensor, layers: Sequence[str], dtype: torch.dtype, channels_last: bool
+) -> dict[str, Tensor]:
+    """Run the VGG pass in ``dtype`` (autocast) with the chosen memory format."""
+    if channels_last:
+        rgb = rgb.contiguous(memory_format=torch.channels_last)
+    if dtype == torch.float32:
+        return model(rgb, layers)
+    with torch.autocast(device_type=rgb.device.type, dtype=dtype):
+        return model(rgb, layers)
+
+
+class StyleTargets:
+    """Blended Gram matrices of one set of style images, per output size.
+
+    Computed on first use for each size and kept, so a catalog of many photos
+    over a few styles computes each style's Grams once per size and device.
+    """
+
+    def __init__(self, engine: "Engine", styles: Sequence[Image.Image], settings: Settings):
+        if not styles:
+            raise ConfigError("at least one style image is needed")
+        self.engine = engine
+        self.styles = list(styles)
+        self.blend = settings.blend(len(styles))
+        self.settings = settings
+        self._cache: dict[tuple, dict[str, Tensor]] = {}
+        self._lock = threading.Lock()
+
+    def grams(self, longest: int, luminance: tuple[float, float] | None = None) -> dict[str, Tensor]:
+        """{layer: (1, c, c)} for an output whose longest side is ``longest``.
+
+        ``luminance`` (mean, std) switches to luminance-only style: each style
+        image's luminance is matched to these moments (Gatys et al. 2016).
+        """
+        key = (longest, None if luminance is None else tuple(round(v, 4) for v in luminance))
+        with self._lock:
+            if key not in self._cache:
+                self._cache[key] = self._compute(longest, luminance)
+            return self._cache[key]
+
+    @torch.no_grad()
+    def _compute(self, longest: int, luminance: tuple[float, float] | None) -> dict[str, Tensor]:
+        s = self.settings
+        model = self.engine.features(s)
+        dtype = self.engine.dtype(s)
+        target = max(1, round(longest * s.style_scale))
+        need = min_side(s.style_layers)
+        blended: dict[str, Tensor] = {}
+        for image, weight in zip(self.styles, self.blend):
+            size = images.fit_size(*image.size, target)
+            if min(size) < need:
+                raise InputError(
+                    f"style image scaled to {size[0]}x{size[1]} px is smaller than the {need} px "
+                    f"that layer {s.style_layers[-1]} needs; raise style_scale or size"
+                )
+            x = images.to_tensor(images.resize(image, size), self.engine.device)
+            if luminance is not None:
+                y = images.rgb_to_yiq(x)[:, :1]
+                y = (y - y.mean()) / y.std().clamp_min(1e-6) * luminance[1] + luminance[0]
+                x = y.expand(-1, 3, -1, -1)
+            feats = run_features(model, x, s.style_layers, dtype, self.engine.channels_last)
+            for name in s.style_layers:
+                g = gram(feats[name]) * weight  # (1, c, c)
+                blended[name] = blended[name] + g if name in blended else g
+        return blended
+
+
+class Engine:
+    """VGG19 on one device, loaded once per weight set, and the optimization loop.
+
+    Thread-safe for use by one job at a time per device; build one Engine per device.
+    """
+
+    def __init__(self, device: str | torch.device = "auto"):
+        self.device = device if isinstance(device, torch.device) else resolve_device(device)
+        self.channels_last = self.device.type in ("cpu", "cuda")
+        self._models: dict[tuple, VGG19Features] = {}
+        self._lock = threading.Lock()
+
+    def features(self, settings: Settings) -> VGG19Features:
+        """The VGG19 stack for the settings' weights and pooling, up to relu5_4, cached."""
+        key = (settings.weights, settings.pooling)
+        with self._lock:
+            if key not in self._models:
+                model = VGG19Features(resolve_weights(settings.weights), pooling=settings.pooling,
+                                      truncate_after="relu5_4")
+                model = model.to(self.device)
+                if self.channels_last:
+                    model = model.to(memory_format=torch.channels_last)
+                self._models[key] = model
+            return self._models[key]
+
+    def dtype(self, settings: Settings) -> torch.dtype:
+        """The dtype of the VGG pass for these settings on this device."""
+        return resolve_precision(settings.precision, self.device)
+
+    def style_targets(self, styles: Sequence[Image.Image], settings: Settings) -> StyleTargets:
+        """Gram targets for these style images, reusable across content images."""
+        return StyleTargets(self, styles, settings)
+
+    def run(
+        self,
+        content: Image.Image,
+        styles: Sequence[Image.Image] | StyleTargets,
+        settings: Settings | None = None,
+        *,
+        init: Image.Image | None = None,
+        callback: RecordCallback | None = None,
+        snapshot: SnapshotCallback | None = None,
+    ) -> Result:
+        """Stylize ``content`` with ``styles`` (images or precomputed targets).
+
+        ``init`` is the starting image when ``settings.init`` names a file
+        (the caller reads it). Raises ``InputError`` for unusable images,
+        ``OptimizationError`` when the loss stops being finite.
+        """
+        s = settings or Settings()
+        started = time.perf_counter()
+        targets = styles if isinstance(styles, StyleTargets) else self.style_targets(styles, s)
+        need = max(min_side(s.content_layers), min_side(s.style_layers))
+        if min(content.size) < need:
+            raise InputError(
+                f"content image is {content.size[0]}x{content.size[1]} px; the layers up to "
+                f"{max(s.content_layers + s.style_layers, key=LAYER_INDEX.get)} need at least {need} px on each side"
+            )
+        sizes = level_sizes(*content.size, s)
+        if min(sizes[-1]) < need:
+            raise InputError(
+                f"output would be {sizes[-1][0]}x{sizes[-1][1]} px; the chosen layers need at least {need} px "
+                f"on each side; raise size"
+            )
+        w, h = sizes[-1]
+        if w * h > s.max_pixels:
+            fit = math.isqrt(s.max_pixels * max(w, h) // min(w, h))
+            raise ResourceError(f"output {w}x{h} px is over the pixel budget {s.max_pixels}; size {fit} would fit")
+        if s.init not in ("content", "random") and init is None:
+            raise ConfigError(f"init {s.init!r} names an image, but none was given to the engine")
+
+        model = self.features(s)
+        dtype = self.dtype(s)
+        records: list[Record] = []
+        stopped: list[bool] = []
+        x: Tensor | None = None
+        iteration = 0
+        for level, (lw, lh) in enumerate(sizes, start=1):
+            c = images.to_tensor(images.resize(content, (lw, lh)), self.device)  # (1, 3, lh, lw)
+            luminance = None
+            if s.preserve_color:
+                yiq = images.rgb_to_yiq(c)
+                c_target = yiq[:, :1]
+                luminance = (c_target.mean().item(), c_target.std().item())
+            else:
+                c_target = c
+            if x is None:
+                x = self._initial(s, c_target, init, (lh, lw))
+            else:
+                x = _resize_tensor(x, (lh, lw))
+            with torch.no_grad():
+                rgb = c_target.expand(-1, 3, -1, -1)
+                content_feats = run_features(model, rgb, s.content_layers, dtype, self.channels_last)
+            objective = Objective(model, s, content_feats, targets.grams(max(lw, lh), luminance),
+                                  dtype, self.channels_last)
+            x = x.detach().clone().requires_grad_(True)
+            iteration, early = self._optimize(x, objective, s, level, iteration, started, records,
+                                              callback, snapshot, c)
+            stopped.append(early)
+            log.debug("level %d (%dx%d) done at iteration %d", level, lw, lh, iteration)
+
+        out = self._to_rgb(x.detach(), c, s)
+        return Result(
+            image=images.to_image(out),
+            records=records,
+            seconds=time.perf_counter() - started,
+            device=str(self.device),
+            precision=str(dtype).replace("torch.", ""),
+            sizes=sizes,
+            stopped_early=stopped,
+        )
+
+    def _initial(self, s: Settings, content: Tensor, init: Image.Image | None, hw: tuple[int, int]) -> Tensor:
+        if s.init == "content":
+            return content.clone()
+        if s.init == "random":
+            gen = torch.Generator().manual_seed(s.seed)
+            noise = torch.rand((1, content.shape[1], *hw), generator=gen)  # white noise in 0-1
+            return noise.to(self.device)
+        x = images.to_tensor(images.resize(init, (hw[1], hw[0])), self.device)
+        return images.rgb_to_yiq(x)[:, :1] if content.shape[1] == 1 else x
+
+    @staticmethod
+    def _to_rgb(x: Tensor, content_rgb: Tensor, s: Settings) -> Tensor:
+        if not s.preserve_color:
+            return x
+        iq = images.rgb_to_yiq(content_rgb)[:, 1:]
+        return images.yiq_to_rgb(torch.cat([x, iq], dim=1))
+
+    def _optimize(self, x, objective, s, level, iteration, started, records, callback, snapshot, content_rgb):
+        parts: dict[str, Tensor] = {}
+
+        def evaluate() -> Tensor:
+            total, c, st, tv = objective(x)
+            parts.update(total=total.detach(), content=c.detach(), style=st.detach(), tv=tv.detach())
+            return total
+
+        def record(it: int) -> float:
+            values = {k: float(v.sum()) for k, v in parts.items()}
+            if not all(math.isfinite(v) for v in values.values()):
+                raise OptimizationError(
+                    f"loss became {values['total']} at iteration {it} (scale {level}/{s.scales}); "
+                    "lower learning_rate or the loss weights"
+                )
+            rec = Record(it, level, values["total"], values["content"], values["style"], values["tv"],
+                         time.perf_counter() - started)
+            records.append(rec)
+            if callback is not None:
+                callback(rec)
+            if snapshot is not None and s.save_every and it % s.save_every == 0 and it > 0:
+                snapshot(it, level, images.to_image(self._to_rgb(x.detach(), content_rgb, s)))
+            return rec.total
+
+        history: list[float] = []
+        if s.optimizer == "lbfgs":
+            opt = BatchedLBFGS(x, lr=s.step_size())
+            opt.start(evaluate)
+            history.append(record(iteration))
+            for _ in range(s.iterations):
+                opt.step(evaluate)
+                iteration += 1
+                history.append(record(iteration))
+                if _converged(history, s):
+                    return iteration, True
+            return iteration, False
+
+        # Adam: each evaluation describes the iterate before its update, so
+        # the loop records x_i and a final no-grad pass records the result.
+        adam = torch.optim.Adam([x], lr=s.step_size())
+        for i in range(s.iterations + 1):
+            adam.zero_grad(set_to_none=True)
+            if i == s.iterations:
+                with torch.no_grad():
+                    evaluate()
+                history.append(record(iteration))
+                return iteration, False
+            evaluate().sum().backward()
+            history.append(record(iteration))
+            if _converged(history, s):
+                return iteration, True
+            adam.step()
+            iteration += 1
+        return iteration, False
+
+
+def _converged(history: list[float], s: Settings) -> bool:
+    """True when the best loss improved by less than ``tolerance`` over the last window."""
+    if s.tolerance <= 0 or len(history) <= s.tolerance_window:
+        return False
+    before = min(history[: -s.tolerance_window])
+    now = min(history)
+    return before > 0 and (before - now) / before < s.tolerance
+
+
+def _resize_tensor(x: Tensor, hw: tuple[int, int]) -> Tensor:
+    if tuple(x.shape[-2:]) == tuple(hw):
+        return x
+    # Antialias when shrinking; bicubic when growing keeps coarse-level strokes crisp.
+    return F.interpolate(x, size=hw, mode="bicubic", align_corners=False, antialias=True)
+
+
+def stylize(
+    content: Image.Image,
+    styles: Sequence[Image.Image],
+    settings: Settings | None = None,
+    *,
+    device: str = "auto",
+    init: Image.Image | None = None,
+    callback: RecordCallback | None = None,
+    snapshot: SnapshotCallback | None = None,
+) -> Result:
+    """One-shot convenience: build an ``Engine`` on ``device`` and run one job."""
+    return Engine(device).run(content, styles, settings, init=init, callback=callback, snapshot=snapshot)

@@ -1,0 +1,191 @@
+"""Engine settings: one validated, immutable object per job.
+
+Every default says why it is what it is. The resolved settings are saved with
+every output (see ``metadata.py``), and they are part of the job key, so a
+changed setting reruns a job.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from .features import LAYER_NAMES
+
+Format = Literal["png", "jpeg", "webp"]
+
+
+class Settings(BaseModel):
+    """Everything that decides the picture a job produces.
+
+    The device is deliberately not here: it decides where a job runs, not what
+    it produces, so it is a run option rather than a job setting.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    # Longest side of the output in pixels. 512 is where VGG19's receptive
+    # fields (about 200 px at relu5_1) still see whole brush strokes while a
+    # CPU run finishes in minutes; the paper's figures are about this size.
+    size: int = Field(512, ge=16, le=16384)
+    # L-BFGS iterations at full size. 500 is where jcjohnson/neural-style's
+    # default (1000) has visually converged for 512 px images; early stopping
+    # usually ends sooner.
+    iterations: int = Field(500, ge=0, le=100000)
+
+    # Loss weights. Losses are normalized per element (see losses.py), so the
+    # balance is the same at 256 and at 1024 px. With those normalizations
+    # (Caffe features are on a 0-255 scale, so raw losses are large) a style
+    # weight of 10 against content 1 gives a clear painting texture with the
+    # photo's structure intact on the sample images; 0.3 barely changes the
+    # photo and 30 starts to dissolve it.
+    content_weight: float = Field(1.0, ge=0)
+    style_weight: float = Field(10.0, ge=0)
+    # TV is a mean of squared 0-1 pixel differences (~1e-2), hence the large
+    # weight: enough to suppress the speckle that the Gram loss leaves in flat
+    # regions (under 1% of the total), not enough to blur strokes.
+    tv_weight: float = Field(1e5, ge=0)
+
+    # Gatys et al. 2015 use conv4_2 (we take its ReLU, as most
+    # reimplementations do) for content and the first ReLU of each block for style.
+    content_layers: tuple[str, ...] = ("relu4_2",)
+    style_layers: tuple[str, ...] = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
+    # Per style layer; None means equal weights (the paper's w_l = 1/5).
+    style_layer_weights: tuple[float, ...] | None = None
+
+    # Blend weights for several style images; None means equal. Normalized to sum to 1.
+    style_blend: tuple[float, ...] | None = None
+    # Style image size relative to the output's longest side. 1.0 matches
+    # the scale of strokes in the painting to the output.
+    style_scale: float = Field(1.0, gt=0, le=8)
+    # Luminance-only transfer (Gatys et al. 2016): keep the photo's colours.
+    preserve_color: bool = False
+
+    # L-BFGS converges in far fewer evaluations than Adam on this problem
+    # (the paper's choice); Adam is kept for memory-tight runs.
+    optimizer: Literal["lbfgs", "adam"] = "lbfgs"
+    # Step size. L-BFGS: scale of the first step (later steps come from its
+    # curvature estimate). Adam: per-pixel step in 0-1 RGB units; 0.02 is
+    # about 5 grey levels, large enough to move fast, small enough not to ring.
+    learning_rate: float | None = Field(None, gt=0)
+    # Starting image: "content" (fast, keeps structure), "random" (seeded
+    # noise, more style), or a path/URI of an image.
+    init: str = "content"
+    # Seed for the random init; also makes CPU runs bit-for-bit reproducible.
+    seed: int = 0
+
+    # Caffe-trained VGG19 gives markedly better textures than the
+    # torchvision retraining; "torchvision" or a state-dict path are options.
+    weights: str = "caffe"
+    # Max pooling as in the paper; average pooling gives smoother gradients
+    # (the paper mentions it gives slightly more appealing results).
+    pooling: Literal["max", "avg"] = "max"
+
+    # Coarse-to-fine levels, each half the size of the next. Two levels let
+    # the coarse pass settle the large-scale layout cheaply (1/4 the cost per
+    # iteration), so the full-size pass needs fewer iterations.
+    scales: int = Field(2, ge=1, le=6)
+    # Stop a level when the total loss improved by less than this fraction
+    # over ``tolerance_window`` iterations. 1e-3 over 20 iterations is below
+    # what the eye can see at that point. 0 disables early stopping.
+    tolerance: float = Field(1e-3, ge=0, lt=1)
+    tolerance_window: int = Field(20, ge=1)
+    # Save an intermediate image every N iterations (0: never).
+    save_every: int = Field(0, ge=0)
+
+    # Output encoding.
+    format: Format = "png"
+    quality: int = Field(95, ge=1, le=100)
+
+    # "auto": bfloat16 for the VGG pass where the hardware runs it fast (CUDA
+    # with bf16, CPUs with AVX-512 BF16 or AMX), float32 elsewhere. Gram
+    # matrices and losses are always accumulated in float32.
+    precision: Literal["auto", "float32", "bfloat16"] = "auto"
+    # Pixel budget per image (output size squared is the worst case): a job
+    # over it is refused before any work with the size that would fit.
+    max_pixels: int = Field(4096 * 4096, ge=256)
+
+    @field_validator("content_layers", "style_layers")
+    @classmethod
+    def _known_layers(cls, layers: tuple[str, ...]) -> tuple[str, ...]:
+        if not layers:
+            raise ValueError("must name at least one layer")
+        unknown = [name for name in layers if name not in LAYER_NAMES]
+        if unknown:
+            raise ValueError(
+                f"unknown VGG19 layer {', '.join(map(repr, unknown))}; "
+                f"known layers: {', '.join(LAYER_NAMES)}"
+            )
+        return layers
+
+    @field_validator("style_layer_weights", "style_blend")
+    @classmethod
+    def _weights_valid(cls, weights: tuple[float, ...] | None) -> tuple[float, ...] | None:
+        if weights is None:
+            return None
+        if not weights:
+            raise ValueError("must not be empty (leave it out for equal weights)")
+        for w in weights:
+            if not math.isfinite(w) or w < 0:
+                raise ValueError(f"weights must be finite and >= 0, found {w}")
+        if sum(weights) <= 0:
+            raise ValueError("at least one weight must be positive")
+        return weights
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Settings":
+        if self.style_layer_weights is not None and len(self.style_layer_weights) != len(self.style_layers):
+            raise ValueError(
+                f"style_layer_weights has {len(self.style_layer_weights)} values "
+                f"but style_layers has {len(self.style_layers)} layers"
+            )
+        if self.size * self.size > self.max_pixels:
+            fit = int(math.isqrt(self.max_pixels))
+            raise ValueError(
+                f"size {self.size} needs up to {self.size * self.size} pixels, over the "
+                f"budget max_pixels={self.max_pixels}; use size <= {fit} or raise max_pixels"
+            )
+        return self
+
+    def blend(self, n_styles: int) -> tuple[float, ...]:
+        """Normalized blend weights for ``n_styles`` style images."""
+        weights = self.style_blend or (1.0,) * n_styles
+        if len(weights) != n_styles:
+            from .errors import ConfigError
+
+            raise ConfigError(
+                f"style_blend has {len(weights)} weights but there are {n_styles} style images"
+            )
+        total = sum(weights)
+        return tuple(w / total for w in weights)
+
+    def layer_weights(self) -> tuple[float, ...]:
+        """Per-style-layer weights, normalized to sum to 1."""
+        weights = self.style_layer_weights or (1.0,) * len(self.style_layers)
+        total = sum(weights)
+        return tuple(w / total for w in weights)
+
+    def step_size(self) -> float:
+        """The learning rate actually used for this optimizer."""
+        if self.learning_rate is not None:
+            return self.learning_rate
+        return 1.0 if self.optimizer == "lbfgs" else 0.02
+
+
+def settings_error_problems(exc, prefix: str = "") -> list[tuple[str, str]]:
+    """Turn a pydantic ValidationError into (field path, message) pairs."""
+    problems = []
+    for err in exc.errors():
+        loc = prefix
+        for part in err["loc"]:
+            if isinstance(part, int):
+                loc += f"[{part}]"
+            else:
+                loc += f".{part}" if loc else str(part)
+        msg = err["msg"]
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        problems.append((loc, msg))
+    return problems
