@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from .errors import StylizeError
+
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 # Command-line flag -> Settings field, for the engine options every command shares.
@@ -206,19 +208,123 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_options(p)
     p.set_defaults(func=cmd_image)
 
-    for register in _extra_commands():
+    for register in _extra_commands():  # manifest and flow commands
         register(sub)
     return parser
 
 
 def _extra_commands():
-    """Commands defined in other modules (manifest and flow commands)."""
-    return []
+    return [_register_catalog_commands]
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    """stylize validate MANIFEST"""
+    from .manifest import validate
+
+    count, problems = validate(args.manifest)
+    if problems:
+        print(f"stylize: invalid manifest {args.manifest}: {len(problems)} problem(s)", file=sys.stderr)
+        for path, message in problems:
+            print(f"  {path}: {message}" if path else f"  {message}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"{args.manifest}: valid, {count} job(s)")
+    return EXIT_OK
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """stylize plan MANIFEST: the jobs a run would do, and which it would skip."""
+    from . import metadata
+    from .jobs import key_for, read_inputs
+    from .manifest import in_shard, load_manifest, parse_shard, storage_for
+
+    doc = load_manifest(args.manifest)
+    storage = storage_for(doc)
+    shard = parse_shard(args.shard) if args.shard else None
+    counts = {"run": 0, "skip": 0, "error": 0}
+    for job in doc.jobs(storage, output=args.output):
+        if not in_shard(job, shard):
+            continue
+        try:
+            inputs = read_inputs(job, storage)
+            action = "skip" if metadata.is_complete(storage, job, key_for(job, inputs)) else "run"
+            detail = job.image_uri
+        except StylizeError as exc:
+            action, detail = "error", str(exc)
+        counts[action] += 1
+        print(f"{action:5} {job.name}  {detail}")
+    print(f"{counts['run']} to run, {counts['skip']} to skip, {counts['error']} with errors")
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """stylize run MANIFEST: run the catalog flow in-process."""
+    from .manifest import load_manifest, parse_shard
+    from .progress import RunView, quiet_prefect
+
+    load_manifest(args.manifest)  # exit 2 on an invalid manifest before Prefect starts
+    if args.shard:
+        parse_shard(args.shard)
+    overrides = engine_overrides(args)
+    if overrides:
+        settings_from(overrides)
+    quiet_prefect()
+    from flows.catalog import CatalogFailed, stylize_catalog
+
+    with RunView(enabled=not args.quiet) as view:
+        state = stylize_catalog(
+            manifest=args.manifest, output=args.output,
+            devices=args.device.split(",") if args.device else None, workers=args.workers,
+            max_failures=args.max_failures, shard=args.shard, settings=overrides or None,
+            return_state=True,
+        )
+    result = state.result(raise_on_failure=False)
+    if isinstance(result, CatalogFailed):
+        summary = result.summary
+    elif isinstance(result, dict):
+        summary = result
+    else:
+        if isinstance(result, BaseException) and isinstance(result, StylizeError):
+            raise result
+        print(f"stylize: error: the run failed: {result}", file=sys.stderr)
+        return EXIT_FAILED
+    view.print_summary(summary)
+    return EXIT_FAILED if summary["counts"]["failed"] else EXIT_OK
+
+
+def _register_catalog_commands(sub) -> None:
+    p = sub.add_parser("validate", help="check a manifest without running anything",
+                       description="Check a manifest and that its inputs exist; exit 0 and the number of "
+                                   "jobs, or exit 2 and every problem with its field path.")
+    p.add_argument("manifest", help="path or s3:// URI of a YAML manifest")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("plan", help="list the jobs a run would do and skip",
+                       description="Print each job a run would do ('run') or skip because its output is "
+                                   "complete with the same inputs and settings ('skip').")
+    p.add_argument("manifest", help="path or s3:// URI of a YAML manifest")
+    p.add_argument("--output", help="output root instead of the manifest's")
+    p.add_argument("--shard", metavar="I/N", help="only the I-th of N disjoint parts")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("run", help="stylize every job of a manifest (Prefect flow, in-process)",
+                       description="Run the stylize-catalog flow on this machine: every GPU (else the CPU), "
+                                   "skipping finished jobs. Exit 0 if every job succeeded or was skipped, 1 if "
+                                   "any failed, 2 for an invalid manifest.")
+    p.add_argument("manifest", help="path or s3:// URI of a YAML manifest")
+    p.add_argument("--output", help="output root instead of the manifest's")
+    p.add_argument("--device", help="comma-separated devices, e.g. cuda:0,cuda:1 or cpu (default: all GPUs, else cpu)")
+    p.add_argument("--workers", type=int, help="parallel jobs on the CPU, or at most this many GPUs")
+    p.add_argument("--shard", metavar="I/N", help="run only the I-th of N disjoint parts (0-based)")
+    p.add_argument("--max-failures", type=int, default=0,
+                   help="the flow run fails when more jobs than this fail (default 0)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    add_engine_options(p)
+    p.set_defaults(func=cmd_run)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``stylize`` console script."""
-    from .errors import ManifestError, StylizeError
+    from .errors import ManifestError
 
     parser = build_parser()
     args = parser.parse_args(argv)

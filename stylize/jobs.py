@@ -171,7 +171,7 @@ class JobRunner:
     def _run(self, job, storage, callback, skip_complete, image_uri, metadata_uri, started) -> Outcome:
         inputs = read_inputs(job, storage)
         key = key_for(job, inputs)
-        if skip_complete and metadata.is_complete(storage, job, key, metadata_uri=metadata_uri):
+        if skip_complete and metadata.is_complete(storage, job, key):
             return Outcome(job.name, "skipped", time.perf_counter() - started, output=image_uri)
         content = images.decode(inputs.content, name=job.content)
         init = images.decode(inputs.init, name=init_uri(job)) if inputs.init is not None else None
@@ -192,8 +192,9 @@ class JobRunner:
             job=job, key=key, inputs=inputs.info, output_uri=image_uri, output_size=len(data),
             device=result.device, versions=versions(job.settings.weights), started=began,
             finished=datetime.now(timezone.utc), records=result.records,
-            extra={"precision": result.precision, "sizes": result.sizes, "stopped_early": result.stopped_early},
         )
+        meta["engine"] = {"precision": result.precision, "sizes": [list(s) for s in result.sizes],
+                          "stopped_early": result.stopped_early, "seconds": round(result.seconds, 3)}
         storage.write(metadata_uri, metadata.encode(meta), content_type="application/json")
         last = result.records[-1]
         return Outcome(

@@ -1,0 +1,220 @@
+"""The ``stylize-catalog`` flow: stylize every pair of a manifest, one task per job.
+
+The flow expands the manifest lazily and submits jobs in batches, so a
+catalog of 100,000 jobs never has more than one batch of tasks in flight and
+memory does not grow with the jobs already finished. Each task takes a free
+device slot, runs one job through the library's ``JobRunner`` (read, skip if
+complete, stylize, write image then metadata) and returns a small
+``Outcome``. Only transient storage errors are retried; a bad input fails its
+own job and the others go on.
+
+Progress goes to the ``stylize.progress`` logger (the CLI draws it), and the
+run ends with table, markdown and progress artifacts and a summary JSON at
+``OUTPUT/_runs/<flow-run-id>.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import deque
+from datetime import datetime, timezone
+from itertools import islice
+from typing import Any, Iterable, Iterator
+
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.context import get_run_context
+from prefect.futures import as_completed
+from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.tasks import exponential_backoff
+
+from stylize.errors import StylizeError, TransientStorageError
+from stylize.jobs import Outcome
+from stylize.manifest import Job, Manifest, in_shard, load_manifest, parse_shard, storage_for
+from stylize.storage import Storage, join
+
+from .devices import plan_devices, pool_for, runner_for
+
+progress_log = logging.getLogger("stylize.progress")
+
+#: Rows kept for the table artifact; the summary JSON keeps every failure.
+TABLE_ROWS = 500
+
+
+class CatalogFailed(StylizeError):
+    """More jobs failed than the run's failure threshold allows."""
+
+    def __init__(self, summary: dict[str, Any]):
+        self.summary = summary
+        counts = summary["counts"]
+        super().__init__(
+            f"{counts['failed']} job(s) failed, over the threshold of {summary['max_failures']}; "
+            f"summary at {summary['summary_uri']}"
+        )
+
+
+def _transient_only(task, task_run, state) -> bool:
+    """Retry a job only when it failed on a transient storage error."""
+    try:
+        state.result()
+    except TransientStorageError:
+        return True
+    except Exception:
+        return False
+    return False
+
+
+@task(name="load-manifest", retries=3, retry_delay_seconds=exponential_backoff(1),
+      retry_condition_fn=_transient_only, cache_policy=NO_CACHE, persist_result=False)
+def load(manifest_uri: str) -> Manifest:
+    """Read and validate the manifest (transient storage errors are retried)."""
+    return load_manifest(manifest_uri)
+
+
+@task(name="stylize-job", task_run_name="{job.name}", retries=3,
+      retry_delay_seconds=exponential_backoff(2), retry_jitter_factor=0.5,
+      retry_condition_fn=_transient_only, cache_policy=NO_CACHE, persist_result=False)
+def stylize_job(job: Job, storage: Storage, slots: list[str]) -> Outcome:
+    """Run one job on a free device; returns its outcome (failed jobs included)."""
+    with pool_for(slots).device() as device:
+        def report(record):  # noqa: E306 - per-iteration progress for the CLI
+            progress_log.debug("iteration", extra={"job": job.name, "record": record})
+
+        return runner_for(device).run(job, storage, callback=report)
+
+
+def _jobs(doc: Manifest, storage: Storage, settings, output, shard) -> Iterator[Job]:
+    return (j for j in doc.jobs(storage, overrides=settings, output=output) if in_shard(j, shard))
+
+
+@task(name="expand-manifest", retries=3, retry_delay_seconds=exponential_backoff(1),
+      retry_condition_fn=_transient_only, cache_policy=NO_CACHE, persist_result=False)
+def count_jobs(doc: Manifest, storage: Storage, settings, output, shard) -> int:
+    """Expand the whole manifest once before any work: every naming problem surfaces now, and
+    the progress bar gets its total. Holds one listing page at a time, not the jobs."""
+    return sum(1 for _ in _jobs(doc, storage, settings, output, shard))
+
+
+def _batches(jobs: Iterable[Job], size: int) -> Iterator[list[Job]]:
+    it = iter(jobs)
+    while batch := list(islice(it, size)):
+        yield batch
+
+
+class _Tally:
+    """Counts and a bounded window of rows, so memory stays flat over 100,000 jobs."""
+
+    def __init__(self):
+        self.counts = {"done": 0, "skipped": 0, "failed": 0}
+        self.failures: list[dict[str, str]] = []
+        self.rows: deque[dict[str, Any]] = deque(maxlen=TABLE_ROWS)
+        self.engine_seconds = 0.0
+
+    def add(self, outcome: Outcome) -> None:
+        self.counts[outcome.status] += 1
+        self.engine_seconds += outcome.engine_seconds
+        if outcome.status == "failed":
+            self.failures.append({"job": outcome.job, "error": outcome.error or "unknown error"})
+        self.rows.append(outcome.as_row())
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
+@flow(name="stylize-catalog", log_prints=False, persist_result=False, validate_parameters=True)
+def stylize_catalog(
+    manifest: str,
+    output: str | None = None,
+    devices: list[str] | None = None,
+    workers: int | None = None,
+    max_failures: int = 0,
+    shard: str | None = None,
+    batch_size: int | None = None,
+    settings: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Stylize every job of ``manifest`` (a local path or s3:// URI).
+
+    ``output`` replaces the manifest's output root; ``devices`` (e.g.
+    ``["cuda:0", "cuda:1"]`` or ``["cpu"]``) and ``workers`` choose the device
+    slots (default: every GPU, else one CPU worker); ``shard="i/n"`` runs the
+    i-th of n disjoint parts; ``settings`` overrides engine settings for every
+    job. Fails after every job has finished when more than ``max_failures``
+    jobs failed. Returns the run summary.
+    """
+    started = time.perf_counter()
+    began = datetime.now(timezone.utc)
+    shard_spec = parse_shard(shard) if shard else None
+    slots = plan_devices(devices, workers)
+    batch = batch_size or max(16, 4 * len(slots))
+    doc = load(manifest)
+    storage = storage_for(doc)
+    out_root = output or doc.output
+    total = count_jobs(doc, storage, settings, output, shard_spec)
+    progress_log.info("start", extra={"total": total})
+    progress_id = create_progress_artifact(progress=0.0, description="Jobs finished in this run")
+    tally = _Tally()
+
+    for group in _batches(_jobs(doc, storage, settings, output, shard_spec), batch):
+        futures = [stylize_job.submit(job, storage, slots) for job in group]
+        names = {f.task_run_id: job.name for f, job in zip(futures, group)}
+        for future in as_completed(futures):
+            outcome = future.result(raise_on_failure=False)
+            if not isinstance(outcome, Outcome):  # the task raised: retries exhausted
+                message = str(outcome) if isinstance(outcome, BaseException) else "task failed"
+                outcome = Outcome(names[future.task_run_id], "failed", error=message)
+            tally.add(outcome)
+            progress_log.info("job", extra={"outcome": outcome, "finished": tally.total})
+        del futures, names
+        update_progress_artifact(progress_id, progress=100.0 * tally.total / max(total, 1))
+
+    update_progress_artifact(progress_id, progress=100.0)
+    summary = _summary(tally, manifest, out_root, shard, slots, max_failures, began, time.perf_counter() - started)
+    _publish(summary, tally, storage)
+    if tally.counts["failed"] > max_failures:
+        raise CatalogFailed(summary)
+    return summary
+
+
+def _summary(tally: _Tally, manifest: str, output: str, shard, slots, max_failures, began, seconds) -> dict:
+    run_id = str(get_run_context().flow_run.id)
+    return {
+        "schema": "stylize.run/v1",
+        "flow_run_id": run_id,
+        "manifest": manifest,
+        "output": output,
+        "shard": shard,
+        "devices": slots,
+        "started": began.isoformat(),
+        "seconds": round(seconds, 3),
+        "engine_seconds": round(tally.engine_seconds, 3),
+        "counts": dict(tally.counts, total=tally.total),
+        "max_failures": max_failures,
+        "failures": tally.failures,
+        "summary_uri": join(output, f"_runs/{run_id}.json"),
+    }
+
+
+def _publish(summary: dict, tally: _Tally, storage: Storage) -> None:
+    storage.write(summary["summary_uri"], json.dumps(summary, indent=2).encode(), content_type="application/json")
+    rows = list(tally.rows)
+    create_table_artifact(
+        table=rows, key="stylize-jobs",
+        description=f"Jobs of this run (last {len(rows)} of {tally.total})",
+    )
+    c = summary["counts"]
+    lines = [
+        f"# stylize-catalog: {c['done']} done, {c['skipped']} skipped, {c['failed']} failed",
+        "",
+        f"- manifest: `{summary['manifest']}`",
+        f"- output: `{summary['output']}`",
+        f"- devices: {', '.join(summary['devices'])}",
+        f"- wall time: {summary['seconds']:.1f} s (engine {summary['engine_seconds']:.1f} s)",
+        f"- summary: `{summary['summary_uri']}`",
+    ]
+    if tally.failures:
+        lines += ["", "## Failures", ""] + [f"- **{f['job']}**: {f['error']}" for f in tally.failures[:100]]
+    create_markdown_artifact(markdown="\n".join(lines), key="stylize-summary", description="Run totals")
