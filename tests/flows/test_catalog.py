@@ -1,0 +1,233 @@
+"""The catalog flow end to end on real small images, over local folders and loopback S3."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import shutil
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from flows.catalog import CatalogFailed, stylize_catalog
+from flows.devices import runner_for
+from stylize.cli import main
+
+DATA = Path(__file__).parent.parent / "data"
+FAST = {"size": 32, "iterations": 2, "scales": 1, "precision": "float32"}
+
+
+def write_manifest(folder: Path, body: str) -> Path:
+    path = folder / "manifest.yaml"
+    path.write_text(body)
+    return path
+
+
+@pytest.fixture
+def catalog(tmp_path):
+    """A manifest folder with 2 photos and 2 paintings: 4 jobs."""
+    root = tmp_path / "catalog"
+    (root / "photos").mkdir(parents=True)
+    (root / "styles").mkdir()
+    shutil.copy(DATA / "chelsea.png", root / "photos" / "cat.png")
+    shutil.copy(DATA / "astronaut.png", root / "photos" / "astronaut.png")
+    shutil.copy(DATA / "starry_night.jpg", root / "styles")
+    shutil.copy(DATA / "shipwreck.jpg", root / "styles")
+    manifest = write_manifest(root, f"""
+version: 1
+output: out
+defaults: {json.dumps(FAST)}
+grid:
+  contents: [photos/]
+  styles: [styles/starry_night.jpg, styles/shipwreck.jpg]
+""")
+    return manifest
+
+
+def outputs(folder: Path) -> set[str]:
+    return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and "_runs" not in p.parts}
+
+
+def test_local_catalog_then_rerun_skips_everything(catalog):
+    out = catalog.parent / "out"
+    summary = stylize_catalog(manifest=str(catalog))
+    assert summary["counts"] == {"done": 4, "skipped": 0, "failed": 0, "total": 4}
+    names = {f"{c}__{s}" for c in ("cat", "astronaut") for s in ("starry_night", "shipwreck")}
+    assert outputs(out) == {f"{n}.png" for n in names} | {f"{n}.json" for n in names}
+    meta = json.loads((out / "cat__shipwreck.json").read_text())
+    assert meta["schema"] == "stylize.metadata/v1"
+    assert meta["losses"]["iteration"] == [0, 1, 2]
+    run_summary = json.loads((out / "_runs" / f"{summary['flow_run_id']}.json").read_text())
+    assert run_summary["counts"]["done"] == 4
+
+    runner_for.cache_clear()
+    again = stylize_catalog(manifest=str(catalog))
+    assert again["counts"] == {"done": 0, "skipped": 4, "failed": 0, "total": 4}
+    assert not runner_for("cpu").engine._models  # no model was loaded for skipped jobs
+
+    # A changed setting reruns the jobs.
+    changed = stylize_catalog(manifest=str(catalog), settings={"iterations": 3})
+    assert changed["counts"]["done"] == 4
+
+
+def test_bad_inputs_fail_their_jobs_and_the_rest_finish(catalog, capsys):
+    root = catalog.parent
+    (root / "photos" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    manifest = write_manifest(root, f"""
+version: 1
+output: out
+defaults: {json.dumps(FAST)}
+pairs:
+  - content: photos/cat.png
+    style: styles/starry_night.jpg
+  - content: photos/corrupt.png
+    style: styles/starry_night.jpg
+  - content: photos/missing.jpg
+    style: styles/starry_night.jpg
+""")
+    with pytest.raises(CatalogFailed) as err:
+        stylize_catalog(manifest=str(manifest))
+    summary = err.value.summary
+    assert summary["counts"] == {"done": 1, "skipped": 0, "failed": 2, "total": 3}
+    failures = {f["job"]: f["error"] for f in summary["failures"]}
+    assert "corrupt" in failures["corrupt__starry_night"]
+    assert "missing.jpg" in failures["missing__starry_night"] and "no such file" in failures["missing__starry_night"]
+    assert (root / "out" / "cat__starry_night.png").is_file()
+    assert not (root / "out" / "corrupt__starry_night.json").exists()
+
+    # Through the CLI: exit 1, both failures printed with their messages.
+    capsys.readouterr()
+    assert main(["run", str(manifest), "--quiet"]) == 1
+    printed = capsys.readouterr().out
+    assert "corrupt__starry_night" in printed and "missing__starry_night" in printed
+
+    # A threshold lets the flow run succeed while the CLI still reports the failures.
+    summary = stylize_catalog(manifest=str(manifest), max_failures=2)
+    assert summary["counts"]["failed"] == 2
+
+
+def test_invalid_manifest_exits_2(tmp_path, capsys):
+    bad = write_manifest(tmp_path, "version: 2\noutput: out\npairs: []\nbogus: 1\n")
+    assert main(["run", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "version" in err and "bogus" in err
+
+
+def test_shards_cover_the_catalog_exactly_once(catalog):
+    out = catalog.parent / "out"
+    first = stylize_catalog(manifest=str(catalog), shard="0/2")
+    second = stylize_catalog(manifest=str(catalog), shard="1/2")
+    assert first["counts"]["done"] + second["counts"]["done"] == 4
+    assert first["counts"]["done"] == 2
+    assert len([p for p in outputs(out) if p.endswith(".png")]) == 4
+    both = stylize_catalog(manifest=str(catalog))
+    assert both["counts"]["skipped"] == 4
+
+
+def upload_catalog(s3, bucket: str) -> str:
+    for local, key in [("chelsea.png", "in/photos/cat.png"), ("astronaut.png", "in/photos/astronaut.png"),
+                       ("starry_night.jpg", "in/styles/starry.jpg")]:
+        s3.put_object(Bucket=bucket, Key=key, Body=(DATA / local).read_bytes())
+    return "in/"
+
+
+def s3_manifest(s3, bucket, endpoint, output=None) -> str:
+    upload_catalog(s3, bucket)
+    body = f"""
+version: 1
+output: {output or f's3://{bucket}/out'}
+storage: {{endpoint_url: "{endpoint}", region: us-east-1}}
+defaults: {json.dumps(FAST)}
+grid:
+  contents: [photos/]
+  styles: [styles/starry.jpg]
+"""
+    s3.put_object(Bucket=bucket, Key="in/manifest.yaml", Body=body.encode())
+    return f"s3://{bucket}/in/manifest.yaml"
+
+
+def test_s3_catalog_writes_back_and_reruns_skip(s3, bucket, s3_server, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)  # to read the manifest itself
+    uri = s3_manifest(s3, bucket, s3_server)
+    summary = stylize_catalog(manifest=uri)
+    assert summary["counts"]["done"] == 2
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="out/")["Contents"]}
+    assert {"out/cat__starry.png", "out/cat__starry.json", "out/astronaut__starry.png",
+            "out/astronaut__starry.json"} <= keys
+    assert any(k.startswith("out/_runs/") for k in keys)
+    assert stylize_catalog(manifest=uri)["counts"]["skipped"] == 2
+
+
+class FlakyProxy:
+    """An HTTP proxy on loopback in front of the S3 server that answers the first
+    ``failures`` PUT requests with 503 SlowDown, then forwards everything."""
+
+    def __init__(self, upstream: str, failures: int):
+        self.upstream = upstream.removeprefix("http://")
+        self.remaining = failures
+        self.failed = 0
+        self.lock = threading.Lock()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def _handle(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else None
+                with proxy.lock:
+                    fail = self.command == "PUT" and proxy.remaining > 0
+                    if fail:
+                        proxy.remaining -= 1
+                        proxy.failed += 1
+                if fail:
+                    payload = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
+                    self.send_response(503)
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                    return
+                conn = http.client.HTTPConnection(proxy.upstream, timeout=30)
+                headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
+                headers["Host"] = proxy.upstream
+                conn.request(self.command, self.path, body=body, headers=headers)
+                resp = conn.getresponse()
+                data = resp.read()
+                self.send_response(resp.status)
+                for k, v in resp.getheaders():
+                    if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+                conn.close()
+
+            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _handle
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+
+
+def test_transient_s3_failures_are_retried(s3, bucket, s3_server, monkeypatch):
+    # More consecutive 503s than botocore's own retries absorb, so the task-level retry must act too.
+    proxy = FlakyProxy(s3_server, failures=6)
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
+        uri = s3_manifest(s3, bucket, proxy.url)
+        summary = stylize_catalog(manifest=uri)
+    finally:
+        proxy.close()
+    assert proxy.failed == 6
+    assert summary["counts"] == {"done": 2, "skipped": 0, "failed": 0, "total": 2}
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="out/")["Contents"]}
+    assert {"out/cat__starry.png", "out/astronaut__starry.png"} <= keys
