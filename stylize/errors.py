@@ -52,3 +52,8 @@ class ManifestError(StylizeError):
         lines = [f"{path}: {message}" if path else message for path, message in self.problems]
         noun = "problem" if len(lines) == 1 else "problems"
         super().__init__(f"{source}: {len(lines)} {noun}: " + "; ".join(lines))
+
+    def __reduce__(self):
+        # Exceptions pickle as cls(*args); ours takes (source, problems), so
+        # say so, or a ManifestError raised in a worker process cannot come back.
+        return (type(self), (self.source, self.problems))

@@ -1,0 +1,804 @@
+"""Batch manifests: which images to stylize with which styles, and where results go.
+
+A manifest is a YAML document (version 1), read from a local path or an
+``s3://`` URI::
+
+    version: 1
+    output: out/demo                      # local folder or s3://bucket/prefix
+    storage: {endpoint_url: ..., region: ...}   # optional, for S3
+    defaults: {size: 384}                 # any stylize.settings.Settings field
+    pairs:
+      - content: content/astronaut.png
+        style: styles/starry_night.jpg
+      - content: s3://photos/2026/cat.jpg
+        style: [styles/starry_night.jpg, styles/shipwreck.jpg]
+        style_weights: [0.7, 0.3]         # becomes Settings.style_blend
+        name: cat-blend                   # default "<content stem>__<style stems>"
+        settings: {iterations: 500}
+    grid:                                 # cross product, for catalogs
+      contents: [s3://photos/2026/]       # files, folders/prefixes or globs
+      styles: [styles/starry_night.jpg]
+      settings: {size: 512}
+
+Relative paths resolve against the manifest's own folder or S3 prefix.
+Settings merge as: Settings() defaults < ``defaults`` < pair/grid
+``settings`` < caller overrides. ``load_manifest`` checks everything that
+needs no I/O and reports every problem at once, each with its field path;
+``Manifest.jobs`` streams the jobs, listing folders and prefixes lazily.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import posixpath
+import re
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Iterator, Mapping
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, StringConstraints, ValidationError, field_validator
+
+from .errors import ConfigError, ManifestError, StorageError, TransientStorageError
+from .settings import Settings, settings_error_problems
+from .storage import Storage, is_s3, join, local_path, parent, split_s3
+
+VERSION = 1
+IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
+# Output file extension per Settings.format.
+_EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
+_TOP_KEYS = ("version", "output", "storage", "defaults", "pairs", "grid")
+_NO_JOBS = "no jobs: the manifest has neither `pairs` nor `grid`; add at least one of them"
+
+Problem = tuple[str, str]
+
+
+# --- the document ---------------------------------------------------------
+
+
+def _as_list(value: Any) -> Any:
+    # `style: a.jpg` is shorthand for `style: [a.jpg]`.
+    return [value] if isinstance(value, str) else value
+
+
+def _none_as_empty(value: Any) -> Any:
+    # `settings:` with nothing after it parses as None; read it as "no settings".
+    return {} if value is None else value
+
+
+_Text = Annotated[str, StringConstraints(min_length=1)]
+_Texts = Annotated[tuple[_Text, ...], BeforeValidator(_as_list)]
+_SettingsDict = Annotated[dict[str, Any], BeforeValidator(_none_as_empty)]
+
+
+def _non_empty(value: tuple[str, ...]) -> tuple[str, ...]:
+    if not value:
+        raise ValueError("empty list; name at least one image")
+    return value
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class StorageOptions(_Strict):
+    """The manifest's ``storage`` block: where its S3 URIs are served from."""
+
+    endpoint_url: str | None = None
+    region: str | None = None
+
+
+class PairSpec(_Strict):
+    """One ``pairs`` entry: a content image and one or more style images."""
+
+    content: _Text
+    style: _Texts
+    style_weights: tuple[float, ...] | None = None
+    name: str | None = None
+    settings: _SettingsDict = {}
+
+    _style_not_empty = field_validator("style")(_non_empty)
+
+
+class GridSpec(_Strict):
+    """The ``grid`` block: every content image with every style image."""
+
+    contents: _Texts
+    styles: _Texts
+    settings: _SettingsDict = {}
+
+    _contents_not_empty = field_validator("contents", "styles")(_non_empty)
+
+
+# --- jobs ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Job:
+    """One stylization: inputs, resolved settings and where the result goes."""
+
+    name: str  # relative output name without extension, POSIX separators
+    content: str  # resolved URI: absolute local path or s3://
+    styles: tuple[str, ...]  # resolved URIs
+    settings: Settings  # fully merged; style_blend set from style_weights
+    output: str  # output root URI
+    source: str  # manifest field path it came from, e.g. "pairs[2]"
+    index: int  # position in expansion order (0-based), used for sharding
+
+    @property
+    def image_uri(self) -> str:
+        """Where the stylized image goes: ``<output>/<name>.<png|jpg|webp>``."""
+        return _child(self.output, f"{self.name}.{_EXTENSIONS[self.settings.format]}")
+
+    @property
+    def metadata_uri(self) -> str:
+        """Where the job's metadata JSON goes: ``<output>/<name>.json``."""
+        return _child(self.output, f"{self.name}.json")
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A validated manifest document, with its paths resolved.
+
+    ``jobs`` expands it lazily; folders and prefixes are listed only then.
+    """
+
+    uri: str  # where the manifest was read from (absolute)
+    base: str  # folder or S3 prefix that relative paths resolve against
+    output: str  # output root URI, resolved
+    storage: StorageOptions | None
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    pairs: tuple[PairSpec, ...] = ()
+    grid: GridSpec | None = None
+
+    def jobs(
+        self,
+        storage: Storage,
+        *,
+        overrides: Mapping[str, Any] | None = None,
+        output: str | None = None,
+    ) -> Iterator[Job]:
+        """Every job, pairs first then the grid, in a stable order.
+
+        ``overrides`` (settings, applied last) and ``output`` (a different
+        output root) come from the caller. Raises ManifestError at the first
+        problem met while expanding (duplicate or unsafe output name, a
+        folder or glob with no images, an invalid override); use ``validate``
+        to collect all of them. Only one S3 listing page is held at a time.
+        """
+        for job, _checks in _Expansion(self, storage, overrides, output, None).run():
+            yield job
+
+
+def load_manifest(uri: str, storage: Storage | None = None) -> Manifest:
+    """Read and validate the manifest at ``uri`` (local path or s3://).
+
+    ``storage`` reads the manifest itself (default: ``Storage()``, configured
+    from the environment); the manifest's own ``storage`` block applies to what
+    it references, see ``storage_for``. Raises ManifestError listing every
+    problem found without listing folders; transient storage errors propagate
+    as TransientStorageError so callers can retry.
+    """
+    storage = storage or Storage()
+    uri = uri if is_s3(uri) else local_path(uri)
+    try:
+        data = storage.read(uri)
+    except TransientStorageError:
+        raise
+    except StorageError as exc:
+        message = str(exc).removeprefix(f"{uri}: ")
+        raise ManifestError(uri, [("", f"cannot read the manifest: {message}")]) from exc
+    return parse_manifest(data, uri)
+
+
+def parse_manifest(data: bytes | str, uri: str) -> Manifest:
+    """Validate manifest text as if it had been read from ``uri``."""
+    raw = _parse_yaml(data, uri)
+    base = parent(uri)
+    problems: list[Problem] = []
+    for key in raw:
+        if key not in _TOP_KEYS:
+            problems.append((str(key), _unknown_key(str(key), _TOP_KEYS, "key")))
+
+    version = raw.get("version")
+    if "version" not in raw:
+        problems.append(("version", f"missing; add `version: {VERSION}`"))
+    elif version != VERSION or isinstance(version, bool):
+        problems.append(("version", f"expected {VERSION}, found {version!r}; this stylize reads version {VERSION} manifests"))
+
+    output = ""
+    if "output" not in raw:
+        problems.append(("output", "missing; name a local folder or s3://bucket/prefix for the results"))
+    elif not isinstance(raw["output"], str) or not raw["output"].strip():
+        problems.append(("output", f"expected a folder or s3://bucket/prefix, found {raw['output']!r}"))
+    else:
+        try:
+            output = _root(join(base, raw["output"]))
+        except StorageError as exc:
+            problems.append(("output", str(exc)))
+
+    storage_options = None
+    if raw.get("storage") is not None:
+        storage_options = _validate_model(StorageOptions, raw["storage"], "storage", problems)
+
+    defaults = raw.get("defaults")
+    if defaults is None:
+        defaults = {}
+    elif not isinstance(defaults, dict):
+        problems.append(("defaults", f"expected a mapping of settings, found {_kind(defaults)}"))
+        defaults = {}
+
+    indexed: list[tuple[int, PairSpec]] = []
+    raw_pairs = raw.get("pairs")
+    if raw_pairs is None:
+        raw_pairs = []
+    elif not isinstance(raw_pairs, list):
+        problems.append(("pairs", f"expected a list of pairs, found {_kind(raw_pairs)}"))
+        raw_pairs = []
+    for i, item in enumerate(raw_pairs):
+        pair = _validate_model(PairSpec, item, f"pairs[{i}]", problems)
+        if pair is not None:
+            indexed.append((i, pair))
+
+    grid = None
+    if raw.get("grid") is not None:
+        grid = _validate_model(GridSpec, raw["grid"], "grid", problems)
+    if not raw_pairs and raw.get("grid") is None:
+        problems.append(("", _NO_JOBS))
+
+    manifest = Manifest(
+        uri=uri, base=base, output=output, storage=storage_options,
+        defaults=defaults, pairs=tuple(pair for _, pair in indexed), grid=grid,
+    )
+    # Pairs (settings, weights, names, duplicates) and the grid's settings
+    # need no I/O: check them now so that one run reports everything.
+    expansion = _Expansion(manifest, None, None, None, problems)
+    expansion.check_defaults()
+    for _ in expansion.pairs(indexed):
+        pass
+    expansion.grid_settings()
+    if problems:
+        raise ManifestError(uri, problems)
+    return manifest
+
+
+def storage_for(manifest: Manifest) -> Storage:
+    """A Storage configured by the manifest's ``storage`` block (or the environment)."""
+    options = manifest.storage
+    if options is None:
+        return Storage()
+    return Storage(endpoint_url=options.endpoint_url, region=options.region)
+
+
+def validate(
+    uri: str, storage: Storage | None = None, *, check_inputs: bool = True
+) -> tuple[int, list[Problem]]:
+    """Load and fully expand a manifest without running it: (number of jobs, problems).
+
+    Collects every problem instead of stopping at the first. With
+    ``check_inputs`` each referenced content and style image is checked to
+    exist (images found by listing a folder exist by construction). ``storage``
+    serves both the manifest and its inputs; without it the manifest is read
+    with ``Storage()`` and its inputs with ``storage_for(manifest)``.
+    """
+    try:
+        manifest = load_manifest(uri, storage)
+    except ManifestError as exc:
+        return 0, exc.problems
+    storage = storage or storage_for(manifest)
+    problems: list[Problem] = []
+    reported: set[Problem] = set()
+    exists: dict[str, bool | str] = {}
+    count = 0
+    for _job, checks in _Expansion(manifest, storage, None, None, problems).run():
+        count += 1
+        if not check_inputs:
+            continue
+        for path, target in checks:
+            if target not in exists:
+                try:
+                    exists[target] = storage.exists(target)
+                except StorageError as exc:
+                    exists[target] = str(exc)
+            found = exists[target]
+            if found is True:
+                continue
+            problem = (path, f"{target}: not found" if found is False else str(found))
+            if problem not in reported:
+                reported.add(problem)
+                problems.append(problem)
+    if count == 0 and not problems:
+        problems.append(("", _NO_JOBS))
+    return count, problems
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"i/n"`` -> ``(i, n)``: this process runs jobs whose index % n == i."""
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text or "")
+    if not match:
+        raise ConfigError(f"shard {text!r}: expected 'i/n' with 0 <= i < n, e.g. '0/4'")
+    i, n = int(match[1]), int(match[2])
+    if n < 1 or i >= n:
+        raise ConfigError(f"shard {text!r}: expected 0 <= i < n and n >= 1, found i={i}, n={n}")
+    return i, n
+
+
+def in_shard(job: Job, shard: tuple[int, int] | None) -> bool:
+    """True if ``job`` belongs to ``shard`` (None: every job does).
+
+    Stable for a given listing: shard by position in expansion order.
+    """
+    if shard is None:
+        return True
+    i, n = shard
+    return job.index % n == i
+
+
+# --- expansion -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Layer:
+    """One source of settings in the merge, with the field path of its mapping."""
+
+    path: str
+    values: Mapping[str, Any]
+    aliases: Mapping[str, str] = field(default_factory=dict)  # setting -> field path
+
+
+class _Expansion:
+    """Turns a Manifest into jobs; reports problems by raising or by collecting.
+
+    ``problems=None`` raises ManifestError at the first problem (streaming
+    use); a list collects them all (validation). Yields ``(job, checks)``
+    where ``checks`` are the (field path, URI) inputs not known to exist.
+    """
+
+    def __init__(self, manifest: Manifest, storage: Storage | None, overrides, output, problems):
+        self.m = manifest
+        self.storage = storage
+        self.problems = problems
+        self._reported: set[Problem] = set()
+        self.defaults = _Layer("defaults", _resolve_paths(manifest.defaults, manifest.base))
+        self.overrides = _Layer("overrides", _resolve_paths(dict(overrides or {}), os.getcwd()))
+        self.output = manifest.output
+        if output is not None:
+            try:
+                self.output = _root(output)
+            except StorageError as exc:
+                self.report([("output", str(exc))])
+        # name -> (field path, content URI): duplicates must name both sources.
+        self.seen: dict[str, tuple[str, str]] = {}
+        self.index = 0
+
+    def report(self, problems: list[Problem]) -> None:
+        if not problems:
+            return
+        if self.problems is None:
+            raise ManifestError(self.m.uri, problems)
+        for problem in problems:
+            if problem not in self._reported:
+                self._reported.add(problem)
+                self.problems.append(problem)
+
+    def run(self) -> Iterator[tuple[Job, list[tuple[str, str]]]]:
+        yield from self.pairs()
+        if self.m.grid is not None:
+            yield from self.grid()
+
+    def check_defaults(self) -> None:
+        self.report(_merge([self.defaults, self.overrides])[1])
+
+    def pairs(self, indexed=None) -> Iterator[tuple[Job, list[tuple[str, str]]]]:
+        """Jobs of the ``pairs`` list; ``indexed`` (index, pair) keeps field paths
+        right when the document had invalid pairs."""
+        base = self.m.base
+        for i, pair in indexed if indexed is not None else enumerate(self.m.pairs):
+            src = f"pairs[{i}]"
+            problems: list[Problem] = []
+            try:
+                content = join(base, pair.content)
+            except StorageError as exc:
+                problems.append((f"{src}.content", str(exc)))
+                content = pair.content
+            styles = []
+            style_paths = [f"{src}.style"] if len(pair.style) == 1 else [f"{src}.style[{k}]" for k in range(len(pair.style))]
+            for path, style in zip(style_paths, pair.style):
+                try:
+                    styles.append(join(base, style))
+                except StorageError as exc:
+                    problems.append((path, str(exc)))
+                    styles.append(style)
+
+            layers = [self.defaults, _Layer(f"{src}.settings", _resolve_paths(pair.settings, base))]
+            if pair.style_weights is not None:
+                weights_path = f"{src}.style_weights"
+                if len(pair.style_weights) != len(styles):
+                    problems.append((weights_path, f"expected {len(styles)} weights, one per style image, found {len(pair.style_weights)}"))
+                elif "style_blend" in pair.settings:
+                    problems.append((weights_path, "given together with settings.style_blend; keep one of them"))
+                else:
+                    layers.append(_Layer(src, {"style_blend": pair.style_weights}, {"style_blend": weights_path}))
+            layers.append(self.overrides)
+            settings, errors = _merge(layers)
+            problems += errors
+            if settings is not None and settings.style_blend is not None and len(settings.style_blend) != len(styles):
+                problems.append((_owner(layers, "style_blend"), f"style_blend has {len(settings.style_blend)} weights but {src} has {len(styles)} style images"))
+
+            explicit = pair.name is not None
+            name = pair.name if explicit else _pair_name(content, styles)
+            problems += self.claim(name, f"{src}.name" if explicit else src, src, content, derived=not explicit)
+            if problems:
+                self.report(problems)
+                continue
+            checks = [(f"{src}.content", content), *zip(style_paths, styles)]
+            yield self.job(name, content, tuple(styles), settings, src), checks
+
+    def grid_settings(self) -> Settings | None:
+        grid = self.m.grid
+        if grid is None:
+            return None
+        layers = [self.defaults, _Layer("grid.settings", _resolve_paths(grid.settings, self.m.base)), self.overrides]
+        settings, problems = _merge(layers)
+        if settings is not None and settings.style_blend is not None and len(settings.style_blend) != 1:
+            problems.append((_owner(layers, "style_blend"), "grid jobs use one style image each, so style_blend must have one weight or be left out"))
+        self.report(problems)
+        return None if problems else settings
+
+    def grid(self) -> Iterator[tuple[Job, list[tuple[str, str]]]]:
+        settings = self.grid_settings()
+        grid = self.m.grid
+        # Styles are few: materialize them. Contents may be a huge prefix: stream.
+        styles = []
+        for j, entry in enumerate(grid.styles):
+            path = f"grid.styles[{j}]"
+            styles += [(uri, path, listed) for uri, _rel, listed in self.sources(entry, path)]
+        if settings is None or not styles:
+            return
+        for c, entry in enumerate(grid.contents):
+            src = f"grid.contents[{c}]"
+            for content, rel, listed in self.sources(entry, src):
+                for style, style_path, style_listed in styles:
+                    name = f"{rel}__{_stem(style)}"
+                    problems = self.claim(name, src, src, content, derived=True)
+                    if problems:
+                        self.report(problems)
+                        continue
+                    checks = [] if listed else [(src, content)]
+                    if not style_listed:
+                        checks.append((style_path, style))
+                    yield self.job(name, content, (style,), settings, src), checks
+
+    def sources(self, entry: str, path: str) -> Iterator[tuple[str, str, bool]]:
+        """(URI, name stem relative to its listing root, found by listing) per image."""
+        try:
+            uri = join(self.m.base, entry)
+        except StorageError as exc:
+            self.report([(path, str(exc))])
+            return
+        found = 0
+        try:
+            for item in self._candidates(entry, uri):
+                found += 1
+                yield item
+        except TransientStorageError:
+            raise
+        except StorageError as exc:
+            self.report([(path, str(exc))])
+            return
+        if not found:
+            self.report([(path, f"{entry!r} ({uri}) matched no images; expected a file, or a folder or glob "
+                                f"with files ending {', '.join(IMAGE_EXTENSIONS)}")])
+
+    def _candidates(self, entry: str, uri: str) -> Iterator[tuple[str, str, bool]]:
+        if _is_glob(entry):
+            root, pattern = _split_glob(uri)
+            regex = _glob_regex(pattern)
+            for item in self.storage.list(root):
+                rel = _relative(item, root)
+                if regex.fullmatch(rel) and _is_visible_image(rel):
+                    yield item, _strip_ext(rel), True
+        elif not entry.endswith("/") and (_is_image(uri) or self.storage.exists(uri)):
+            # A named file: the name is its stem. Existence is checked by
+            # validate() or when the job reads it, not here (one request per file).
+            yield uri, _strip_ext(posixpath.basename(uri)), False
+        else:
+            for item in self.storage.list(uri):
+                rel = _relative(item, uri)
+                if _is_visible_image(rel):
+                    yield item, _strip_ext(rel), True
+
+    def claim(self, name: str, name_path: str, src: str, content: str, *, derived: bool) -> list[Problem]:
+        why = _unsafe_name(name)
+        if why:
+            origin = f" (derived from {content})" if derived else ""
+            return [(name_path, f"output name {name!r}{origin} {why}")]
+        other = self.seen.get(name)
+        if other is not None:
+            return [(name_path, f"output name {name!r} is produced twice: by {other[0]} ({other[1]}) "
+                                f"and by {src} ({content}); give one a distinct `name:` or rename a file")]
+        self.seen[name] = (src, content)
+        return []
+
+    def job(self, name: str, content: str, styles: tuple[str, ...], settings: Settings, src: str) -> Job:
+        job = Job(name=name, content=content, styles=styles, settings=settings,
+                  output=self.output, source=src, index=self.index)
+        self.index += 1
+        return job
+
+
+# --- helpers -------------------------------------------------------------
+
+
+def _merge(layers: list[_Layer]) -> tuple[Settings | None, list[Problem]]:
+    """Settings from the layers, later ones winning; problems name the layer that set the value."""
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        merged.update(layer.values)
+    try:
+        return Settings.model_validate(merged), []
+    except ValidationError as exc:
+        problems = []
+        for err, (loc_text, message) in zip(exc.errors(), settings_error_problems(exc)):
+            key = err["loc"][0] if err["loc"] else None
+            owner = next((l for l in reversed(layers) if key in l.values), None)
+            if owner is None:  # a whole-model check: blame the most specific layer with values
+                owner = next((l for l in reversed(layers) if l.values), layers[-1])
+            if key is None or key not in owner.values:
+                path = owner.path
+            elif key in owner.aliases:
+                path = owner.aliases[key] + loc_text[len(str(key)):]
+            else:
+                path = f"{owner.path}.{loc_text}"
+            if err["type"] == "extra_forbidden":
+                message = _unknown_key(str(key), tuple(Settings.model_fields), "setting", list_all=False)
+            problems.append((path, message + _found(err)))
+        return None, problems
+
+
+def _owner(layers: list[_Layer], key: str) -> str:
+    for layer in reversed(layers):
+        if key in layer.values:
+            return layer.aliases.get(key, f"{layer.path}.{key}")
+    return layers[-1].path
+
+
+def _validate_model(model: type[BaseModel], value: Any, prefix: str, problems: list[Problem]):
+    if not isinstance(value, dict):
+        fields = ", ".join(model.model_fields)
+        problems.append((prefix, f"expected a mapping with keys from {fields}, found {_kind(value)}"))
+        return None
+    try:
+        return model.model_validate(value)
+    except ValidationError as exc:
+        for err, (path, message) in zip(exc.errors(), settings_error_problems(exc, prefix)):
+            if err["type"] == "extra_forbidden":
+                message = _unknown_key(str(err["loc"][0]), tuple(model.model_fields), "key")
+            elif err["type"] == "missing":
+                message = "missing; this key is required"
+            problems.append((path, message + _found(err)))
+        return None
+
+
+def _found(err: Mapping[str, Any]) -> str:
+    """", found <value>" for a pydantic error on a single value (not for a whole mapping)."""
+    # Our own validators ("value_error") already say what they found.
+    if err["type"] in ("missing", "extra_forbidden", "value_error") or not err["loc"]:
+        return ""
+    if isinstance(err.get("input"), (dict, list, tuple)):
+        return ""
+    return f", found {err.get('input')!r}"
+
+
+def _unknown_key(key: str, known: tuple[str, ...], what: str, *, list_all: bool = True) -> str:
+    message = f"unknown {what}"
+    close = difflib.get_close_matches(key, known, n=1)
+    if close:
+        message += f"; did you mean {close[0]!r}?"
+    if list_all:
+        message += f" (expected one of: {', '.join(known)})"
+    elif not close:
+        message += " (see stylize.settings.Settings for the list)"
+    return message
+
+
+def _resolve_paths(values: Mapping[str, Any], base: str) -> dict[str, Any]:
+    """Resolve path-valued settings (``init``, ``weights``) like any manifest path.
+
+    Only values that look like paths (a separator, a dot, ``~``) are touched,
+    so keywords ("content", "caffe", ...) pass unchanged. ``weights`` is read
+    from the local disk, so it is not resolved against an S3 prefix.
+    """
+    out = dict(values)
+    for key in ("init", "weights"):
+        value = out.get(key)
+        if not isinstance(value, str) or not any(c in value for c in "/\\.~"):
+            continue
+        if key == "weights" and is_s3(base) and not os.path.isabs(value):
+            continue
+        try:
+            out[key] = join(base, value)
+        except StorageError:
+            pass  # left as written; Settings or the engine reports it
+    return out
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader (tags that construct objects are refused) that also refuses duplicate keys."""
+
+
+def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False):
+    # A repeated key silently wins in YAML; in a manifest it is almost always
+    # a mistake (two `iterations:` lines), so refuse it with its line number.
+    seen = set()
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue  # `<<: *anchor` may be overridden by explicit keys
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark,
+                    f"found duplicate key {key!r}", key_node.start_mark,
+                )
+            seen.add(key)
+        except TypeError:
+            pass  # unhashable key: SafeLoader reports it below
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _parse_yaml(data: bytes | str, uri: str) -> dict:
+    if isinstance(data, bytes):
+        try:
+            data = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ManifestError(uri, [("", f"not UTF-8 text (bad byte at offset {exc.start}); save it as UTF-8")]) from None
+    try:
+        raw = yaml.load(data, Loader=_Loader)
+    except yaml.YAMLError as exc:
+        raise ManifestError(uri, [("", _yaml_message(exc))]) from None
+    if not isinstance(raw, dict):
+        raise ManifestError(uri, [("", f"expected a mapping with keys {', '.join(_TOP_KEYS)}, found {_kind(raw)}")])
+    return raw
+
+
+def _yaml_message(exc: yaml.YAMLError) -> str:
+    problem = getattr(exc, "problem", None) or str(exc)
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    message = f"not valid YAML: {problem}{where}"
+    if "constructor for the tag" in problem:
+        message += "; tags that construct objects are not allowed"
+    return message
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "nothing"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return f"{type(value).__name__} {value!r}"
+
+
+def _root(uri: str) -> str:
+    """Normalize an output root: absolute local path, or s3://bucket[/prefix] without a trailing /."""
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        key = key.strip("/")
+        return f"s3://{bucket}/{key}" if key else f"s3://{bucket}"
+    return local_path(uri)
+
+
+def _child(root: str, name: str) -> str:
+    if is_s3(root):
+        return f"{root.rstrip('/')}/{name}"
+    return os.path.join(root, name)
+
+
+def _unsafe_name(name: str) -> str | None:
+    """Why ``name`` cannot be an output name below the output root, or None."""
+    if not name:
+        return "is empty"
+    if "\x00" in name:
+        return "contains a NUL character"
+    if "\\" in name:
+        return "contains a backslash; use / for subfolders"
+    if name.startswith("/"):
+        return "is absolute; expected a path relative to the output folder"
+    parts = name.split("/")
+    if ".." in parts:
+        return "contains '..' and would escape the output folder"
+    if any(part in ("", ".") for part in parts):
+        return "has an empty or '.' path component"
+    return None
+
+
+def _stem(uri: str) -> str:
+    return _strip_ext(posixpath.basename(uri.rstrip("/")))
+
+
+def _strip_ext(path: str) -> str:
+    return posixpath.splitext(path)[0]
+
+
+def _pair_name(content: str, styles: list[str]) -> str:
+    return f"{_stem(content)}__{'+'.join(_stem(s) for s in styles)}"
+
+
+def _is_image(uri: str) -> bool:
+    return posixpath.splitext(uri)[1].lower() in IMAGE_EXTENSIONS
+
+
+def _is_visible_image(rel: str) -> bool:
+    # Dot files and folders are skipped: macOS "._IMG.jpg" resource forks and
+    # ".thumbnails/" caches look like images but are not the catalog.
+    return _is_image(rel) and not any(part.startswith(".") for part in rel.split("/"))
+
+
+def _relative(item: str, root: str) -> str:
+    """``item``'s path below the folder or prefix ``root``, with / separators."""
+    if is_s3(root):
+        _, key = split_s3(root)
+        prefix = key if not key or key.endswith("/") else key + "/"
+        return split_s3(item)[1][len(prefix):]
+    return os.path.relpath(item, local_path(root)).replace(os.sep, "/")
+
+
+def _is_glob(entry: str) -> bool:
+    return any(c in entry for c in "*?[")
+
+
+def _split_glob(uri: str) -> tuple[str, str]:
+    """``s3://b/photos/*/x*.jpg`` -> (``s3://b/photos/``, ``*/x*.jpg``): the folder to list, the pattern."""
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        head, rest = _split_parts(key)
+        return f"s3://{bucket}/{head}", rest
+    head, rest = _split_parts(uri)
+    return head or "/", rest
+
+
+def _split_parts(path: str) -> tuple[str, str]:
+    parts = path.split("/")
+    k = next(i for i, part in enumerate(parts) if _is_glob(part))
+    head = "/".join(parts[:k])
+    return (head + "/" if head else ""), "/".join(parts[k:])
+
+
+def _glob_regex(pattern: str) -> re.Pattern[str]:
+    """Compile a glob: ``*`` and ``?`` stay within one folder, ``**`` spans any depth."""
+    out = []
+    parts = pattern.split("/")
+    for k, part in enumerate(parts):
+        last = k == len(parts) - 1
+        if part == "**":
+            out.append(".*" if last else "(?:[^/]*/)*")
+            continue
+        out.append(_glob_part(part) + ("" if last else "/"))
+    return re.compile("".join(out))
+
+
+def _glob_part(part: str) -> str:
+    out, i = [], 0
+    while i < len(part):
+        c = part[i]
+        end = part.find("]", i + 2) if c == "[" else -1
+        if c == "*":
+            out.append("[^/]*")
+        elif c == "?":
+            out.append("[^/]")
+        elif end != -1:
+            body = part[i + 1:end].replace("\\", "\\\\")
+            # As in fnmatch: "[!...]" negates (never matching "/"), a leading "^" is literal.
+            body = "^/" + body[1:] if body[0] == "!" else "\\" + body if body[0] == "^" else body
+            out.append(f"[{body}]")
+            i = end
+        else:
+            out.append(re.escape(c))
+        i += 1
+    return "".join(out)

@@ -1,0 +1,399 @@
+"""Local files and S3 objects behind one small interface.
+
+A URI is either ``s3://bucket/key``, ``file:///abs/path`` or a plain local
+path. ``Storage`` routes each call by scheme, so the rest of the library never
+asks where an image lives. Every failure becomes a ``StorageError`` whose
+message names the URI: ``NotFoundError`` for a missing file, key or bucket,
+``TransientStorageError`` for what a retry may fix (timeouts, throttling,
+5xx), plain ``StorageError`` for the rest (access denied, bad URI).
+"""
+
+from __future__ import annotations
+
+import io
+import mimetypes
+import os
+import secrets
+import threading
+from dataclasses import dataclass
+from stat import S_ISREG
+from typing import Iterator
+from urllib.parse import unquote, urlparse
+
+import boto3
+import urllib3.exceptions
+from boto3.exceptions import S3UploadFailedError
+from boto3.s3.transfer import TransferConfig
+from botocore import exceptions as bex
+from botocore.config import Config
+
+from .errors import NotFoundError, StorageError, TransientStorageError
+
+# S3 error codes that a later retry may fix. botocore's "standard" retry mode
+# already retried these; if they still surface, the caller may retry the task.
+_TRANSIENT_CODES = frozenset({
+    "SlowDown", "Throttling", "ThrottlingException", "TooManyRequestsException",
+    "RequestLimitExceeded", "BandwidthLimitExceeded", "RequestTimeout",
+    "RequestTimeoutException", "InternalError", "ServiceUnavailable",
+    "PriorRequestNotComplete",
+})
+_DENIED_CODES = frozenset({
+    "AccessDenied", "AllAccessDisabled", "InvalidAccessKeyId", "SignatureDoesNotMatch",
+    "ExpiredToken", "InvalidToken", "TokenRefreshRequired", "AccountProblem", "403",
+})
+_NOT_FOUND_CODES = frozenset({"NoSuchKey", "NotFound", "404"})
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """What ``Storage.stat`` knows about one file or object."""
+
+    uri: str
+    size: int
+    etag: str | None  # the S3 ETag without quotes; None for local files
+
+
+def is_s3(uri: str) -> bool:
+    """True for ``s3://`` URIs."""
+    return uri[:5].lower() == "s3://"
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    """``s3://bucket/a/b`` -> ``("bucket", "a/b")``; StorageError without a bucket."""
+    bucket, _, key = uri[5:].partition("/")
+    if not bucket:
+        raise StorageError(f"{uri!r}: expected s3://bucket/key, found no bucket name")
+    return bucket, key
+
+
+def local_path(uri: str) -> str:
+    """The absolute local path for a plain path or a ``file://`` URI."""
+    if uri.startswith("file://"):
+        parsed = urlparse(uri)
+        if parsed.netloc not in ("", "localhost"):
+            raise StorageError(
+                f"{uri!r}: expected file:///absolute/path, found host {parsed.netloc!r}"
+            )
+        return unquote(parsed.path)
+    return os.path.abspath(os.path.expanduser(uri))
+
+
+def parent(uri: str) -> str:
+    """The folder (local) or prefix (S3, with a trailing ``/``) that holds ``uri``."""
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        head, _, _ = key.rstrip("/").rpartition("/")
+        return f"s3://{bucket}/{head}/" if head else f"s3://{bucket}/"
+    return os.path.dirname(local_path(uri))
+
+
+def join(base: str, relative: str) -> str:
+    """Resolve ``relative`` against the folder or prefix ``base``.
+
+    ``s3://`` URIs, ``file://`` URIs and absolute local paths pass through
+    (the latter two as plain absolute paths). Against an S3 base, ``.`` and
+    ``..`` are resolved by hand so that keys are otherwise kept verbatim (S3
+    keys may legitimately contain ``//``); escaping the bucket is an error.
+    """
+    if is_s3(relative):
+        return relative
+    if relative.startswith("file://"):
+        return local_path(relative)
+    relative = os.path.expanduser(relative)
+    if os.path.isabs(relative):
+        return os.path.normpath(relative)
+    if is_s3(base):
+        bucket, key = split_s3(base)
+        prefix = key if not key or key.endswith("/") else key + "/"
+        parts: list[str] = []
+        for part in (prefix + relative).split("/"):
+            if part == ".":
+                continue
+            if part == "..":
+                if not parts:
+                    raise StorageError(
+                        f"{relative!r} relative to {base}: climbs above the bucket root"
+                    )
+                parts.pop()
+            else:
+                parts.append(part)
+        return f"s3://{bucket}/" + "/".join(parts)
+    return os.path.normpath(os.path.join(local_path(base), relative))
+
+
+class Storage:
+    """Read, write, stat and list local paths and S3 objects.
+
+    One boto3 client per instance, created on first S3 use (boto3 clients are
+    thread-safe; creating them is not, hence the lock). Credentials come from
+    boto3's standard chain; the endpoint from ``endpoint_url``, else from
+    ``AWS_ENDPOINT_URL``/``AWS_ENDPOINT_URL_S3`` (botocore reads those itself).
+    """
+
+    # Above this a write uses boto3's managed multipart upload: a single PUT
+    # is limited to 5 GiB and cannot resume a failed part.
+    multipart_threshold = 64 * 1024 * 1024
+
+    def __init__(
+        self,
+        *,
+        endpoint_url: str | None = None,
+        region: str | None = None,
+        max_attempts: int = 5,
+    ):
+        self.endpoint_url = endpoint_url
+        self.region = region
+        # botocore "standard" mode retries throttling, 5xx and connection errors
+        # with jittered backoff; 5 attempts ride out a brief S3 brownout.
+        self.max_attempts = max_attempts
+        self._lock = threading.Lock()
+        self._client = None
+
+    def __repr__(self) -> str:
+        return f"Storage(endpoint_url={self.endpoint_url!r}, region={self.region!r})"
+
+    # Task runners may pickle a Storage into workers: send the settings, not
+    # the client or the lock, and let each process build its own client.
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_lock"] = None
+        state["_client"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    @property
+    def client(self):
+        """The boto3 S3 client, created on first use."""
+        if self._client is None:
+            with self._lock:
+                if self._client is None:
+                    # A private session: boto3's default session is shared and
+                    # not safe to create clients from concurrently.
+                    session = boto3.session.Session()
+                    self._client = session.client(
+                        "s3",
+                        endpoint_url=self.endpoint_url,
+                        region_name=self.region,
+                        config=Config(retries={"max_attempts": self.max_attempts, "mode": "standard"}),
+                    )
+        return self._client
+
+    def read(self, uri: str) -> bytes:
+        """The whole content of ``uri``; NotFoundError if it does not exist."""
+        if is_s3(uri):
+            bucket, key = _object_key(uri)
+            try:
+                return self.client.get_object(Bucket=bucket, Key=key)["Body"].read()
+            except _S3_ERRORS as exc:
+                raise _s3_error(exc, uri) from exc
+        path = local_path(uri)
+        try:
+            with open(path, "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            raise NotFoundError(f"{uri}: no such file") from None
+        except IsADirectoryError:
+            raise StorageError(f"{uri}: is a folder, expected a file") from None
+        except OSError as exc:
+            raise StorageError(f"{uri}: cannot read: {exc.strerror or exc}") from exc
+
+    def write(self, uri: str, data: bytes, *, content_type: str | None = None) -> None:
+        """Write ``data`` to ``uri`` atomically: readers see the old or the new content.
+
+        Local: a temporary file in the same folder, fsynced, then renamed over
+        the target (parent folders are created). S3: a PUT is atomic by itself.
+        """
+        content_type = content_type or mimetypes.guess_type(uri)[0]
+        if is_s3(uri):
+            bucket, key = _object_key(uri)
+            extra = {"ContentType": content_type} if content_type else {}
+            try:
+                if len(data) > self.multipart_threshold:
+                    config = TransferConfig(multipart_threshold=self.multipart_threshold)
+                    self.client.upload_fileobj(
+                        io.BytesIO(data), bucket, key, ExtraArgs=extra, Config=config
+                    )
+                else:
+                    self.client.put_object(Bucket=bucket, Key=key, Body=data, **extra)
+            except (*_S3_ERRORS, S3UploadFailedError) as exc:
+                raise _s3_error(exc, uri) from exc
+            return
+        _write_local(local_path(uri), data, uri)
+
+    def stat(self, uri: str) -> ObjectInfo | None:
+        """Size (and ETag on S3) of ``uri``, or None if there is no such file or object."""
+        if is_s3(uri):
+            bucket, key = _object_key(uri)
+            try:
+                head = self.client.head_object(Bucket=bucket, Key=key)
+            except _S3_ERRORS as exc:
+                error = _s3_error(exc, uri)
+                if isinstance(error, NotFoundError):
+                    return None
+                raise error from exc
+            etag = (head.get("ETag") or "").strip('"') or None
+            return ObjectInfo(uri=uri, size=int(head["ContentLength"]), etag=etag)
+        try:
+            st = os.stat(local_path(uri))
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as exc:
+            raise StorageError(f"{uri}: cannot stat: {exc.strerror or exc}") from exc
+        if not S_ISREG(st.st_mode):
+            return None  # a folder is not an object
+        return ObjectInfo(uri=uri, size=st.st_size, etag=None)
+
+    def exists(self, uri: str) -> bool:
+        """True if ``uri`` is an existing file or object."""
+        return self.stat(uri) is not None
+
+    def list(self, prefix_uri: str) -> Iterator[str]:
+        """Every file or object under the folder or prefix ``prefix_uri``, recursively.
+
+        The argument is always taken as a folder: ``s3://b/photos`` lists
+        ``photos/...``, not ``photos2/...``. Order is lexicographic by full
+        key (local folders are walked in the same order S3 lists), and S3 is
+        paged lazily, so a huge prefix costs one page of memory.
+        NotFoundError (when iterated) for a missing folder or bucket.
+        """
+        if is_s3(prefix_uri):
+            return self._list_s3(prefix_uri)
+        return self._list_local(prefix_uri)
+
+    def join(self, base: str, relative: str) -> str:
+        """Resolve ``relative`` against the folder or prefix ``base`` (see ``join``)."""
+        return join(base, relative)
+
+    def _list_s3(self, prefix_uri: str) -> Iterator[str]:
+        bucket, key = split_s3(prefix_uri)
+        prefix = key if not key or key.endswith("/") else key + "/"
+        paginator = self.client.get_paginator("list_objects_v2")
+        try:
+            for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
+                for obj in page.get("Contents", ()):
+                    if not obj["Key"].endswith("/"):  # skip "folder" marker objects
+                        yield f"s3://{bucket}/{obj['Key']}"
+        except _S3_ERRORS as exc:
+            raise _s3_error(exc, prefix_uri) from exc
+
+    def _list_local(self, prefix_uri: str) -> Iterator[str]:
+        root = local_path(prefix_uri)
+        if not os.path.isdir(root):
+            if os.path.exists(root):
+                raise StorageError(f"{prefix_uri}: is a file, expected a folder")
+            raise NotFoundError(f"{prefix_uri}: no such folder")
+        yield from _walk(root, prefix_uri)
+
+
+def _walk(folder: str, uri: str) -> Iterator[str]:
+    try:
+        with os.scandir(folder) as it:
+            entries = [(e.name, e.path, e.is_dir(follow_symlinks=False)) for e in it]
+    except OSError as exc:
+        raise StorageError(f"{uri}: cannot list {folder}: {exc.strerror or exc}") from exc
+    # Sort folders as "name/" so the order matches S3's listing of the same
+    # tree ("a.jpg" before "a/x.jpg"); shard indices then agree across backends.
+    entries.sort(key=lambda e: e[0] + "/" if e[2] else e[0])
+    for _, path, is_dir in entries:
+        if is_dir:  # symlinked folders are not followed: no cycles
+            yield from _walk(path, uri)
+        elif os.path.isfile(path):
+            yield path
+
+
+def _write_local(path: str, data: bytes, uri: str) -> None:
+    folder = os.path.dirname(path)
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as exc:
+        raise StorageError(f"{uri}: cannot create folder {folder}: {exc.strerror or exc}") from exc
+    # Like mkstemp (unique name, O_EXCL) but mode 0o666 minus the umask,
+    # where mkstemp's 0o600 would hide outputs from other users of a catalog.
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    while True:
+        tmp = os.path.join(folder, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
+        try:
+            fd = os.open(tmp, flags, 0o666)
+            break
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise StorageError(f"{uri}: cannot write in {folder}: {exc.strerror or exc}") from exc
+    done = False
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())  # the data is on disk before the rename publishes it
+        os.replace(tmp, path)
+        done = True
+    except OSError as exc:
+        raise StorageError(f"{uri}: cannot write: {exc.strerror or exc}") from exc
+    finally:
+        if not done:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+    # Make the rename itself durable; not every filesystem allows it.
+    try:
+        dir_fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)
+
+
+def _object_key(uri: str) -> tuple[str, str]:
+    bucket, key = split_s3(uri)
+    if not key or key.endswith("/"):
+        raise StorageError(f"{uri}: expected s3://bucket/key naming an object, found a prefix")
+    return bucket, key
+
+
+_S3_ERRORS = (bex.ClientError, bex.BotoCoreError, urllib3.exceptions.HTTPError)
+
+
+def _s3_error(exc: BaseException, uri: str) -> StorageError:
+    """Map a boto3/botocore exception to our error classes, naming ``uri``.
+
+    Messages carry the S3 error code, never request headers or credentials.
+    """
+    if isinstance(exc, S3UploadFailedError):
+        cause = exc.__cause__ or exc.__context__
+        if isinstance(cause, _S3_ERRORS):
+            return _s3_error(cause, uri)
+        return StorageError(f"{uri}: upload failed")
+    if isinstance(exc, bex.ClientError):
+        error = exc.response.get("Error", {})
+        code = str(error.get("Code", ""))
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if code == "NoSuchBucket":
+            return NotFoundError(f"{uri}: no such bucket {split_s3(uri)[0]!r}")
+        if code in _NOT_FOUND_CODES or status == 404:
+            return NotFoundError(f"{uri}: no such key")
+        if code in _DENIED_CODES or status == 403:
+            return StorageError(
+                f"{uri}: access denied ({code or status}); check the AWS credentials "
+                "and the bucket policy"
+            )
+        if code in _TRANSIENT_CODES or status == 429 or (status or 0) >= 500:
+            return TransientStorageError(f"{uri}: S3 error {code or status} (transient, retry later)")
+        message = error.get("Message") or "no message"
+        return StorageError(f"{uri}: S3 error {code or status}: {message}")
+    if isinstance(exc, (bex.NoCredentialsError, bex.PartialCredentialsError, bex.CredentialRetrievalError)):
+        return StorageError(
+            f"{uri}: no usable AWS credentials ({type(exc).__name__}); set "
+            "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE"
+        )
+    if isinstance(exc, (bex.ConnectionError, bex.HTTPClientError, bex.IncompleteReadError,
+                        urllib3.exceptions.HTTPError)):
+        return TransientStorageError(f"{uri}: {type(exc).__name__}: {exc}")
+    return StorageError(f"{uri}: {type(exc).__name__}: {exc}")
