@@ -130,7 +130,7 @@ def cmd_image(args: argparse.Namespace) -> int:
         settings = settings.model_copy(update={"init": absolute(settings.init)})
     job = Job(
         name=Path(out).stem, content=absolute(args.content), styles=tuple(absolute(s) for s in args.styles),
-        settings=settings, output=parent(out), source="command line", index=0,
+        settings=settings, output=parent(out), source="", index=0,
     )
     runner = JobRunner(args.device)
     with _IterationProgress(settings, enabled=not args.quiet) as progress:

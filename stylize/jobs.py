@@ -13,18 +13,19 @@ says no) is a verdict on this job, which ``run`` returns as a failed
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 import torch
 
 from . import __version__, images, metadata
-from .errors import StylizeError, TransientStorageError
+from .errors import InputError, StorageError, StylizeError, TransientStorageError
 from .manifest import Job
 from .optimize import Engine, RecordCallback, StyleTargets
 from .storage import Storage
@@ -90,17 +91,34 @@ def read_inputs(job: Job, storage: Storage) -> Inputs:
     def describe(uri: str, data: bytes) -> dict[str, Any]:
         return {"uri": uri, "sha256": metadata.sha256(data), "size": len(data)}
 
-    content = storage.read(job.content)
-    styles = [storage.read(uri) for uri in job.styles]
+    with about(job, "content"):
+        content = storage.read(job.content)
+    styles = []
+    for i, uri in enumerate(job.styles):
+        with about(job, f"style[{i}]" if len(job.styles) > 1 else "style"):
+            styles.append(storage.read(uri))
     info: dict[str, Any] = {
         "content": describe(job.content, content),
         "styles": [describe(u, d) for u, d in zip(job.styles, styles)],
     }
     init = None
     if (uri := init_uri(job)) is not None:
-        init = storage.read(uri)
+        with about(job, "settings.init"):
+            init = storage.read(uri)
         info["init"] = describe(uri, init)
     return Inputs(content, styles, init, info)
+
+
+@contextlib.contextmanager
+def about(job: Job, field: str) -> Iterator[None]:
+    """Prefix input and storage errors with the job's field path (``pairs[2].content: ...``)."""
+    try:
+        yield
+    except TransientStorageError:
+        raise
+    except (InputError, StorageError) as exc:
+        where = f"{job.source}.{field}" if job.source else field
+        raise type(exc)(f"{where}: {exc}") from exc
 
 
 def key_for(job: Job, inputs: Inputs) -> str:
@@ -139,7 +157,10 @@ class JobRunner:
             if key in self._targets:
                 self._targets.move_to_end(key)
                 return self._targets[key]
-        decoded = [images.decode(data, name=uri) for uri, data in zip(job.styles, inputs.styles)]
+        decoded = []
+        for i, (uri, data) in enumerate(zip(job.styles, inputs.styles)):
+            with about(job, f"style[{i}]" if len(job.styles) > 1 else "style"):
+                decoded.append(images.decode(data, name=uri))
         targets = self.engine.style_targets(decoded, s)
         with self._lock:
             self._targets[key] = targets
@@ -165,7 +186,7 @@ class JobRunner:
         except TransientStorageError:
             raise
         except StylizeError as exc:
-            log.warning("job %s failed: %s", job.name, exc)
+            log.info("job %s failed: %s", job.name, exc)
             return Outcome(job.name, "failed", time.perf_counter() - started, error=str(exc))
 
     def _run(self, job, storage, callback, skip_complete, image_uri, metadata_uri, started) -> Outcome:
@@ -173,8 +194,12 @@ class JobRunner:
         key = key_for(job, inputs)
         if skip_complete and metadata.is_complete(storage, job, key):
             return Outcome(job.name, "skipped", time.perf_counter() - started, output=image_uri)
-        content = images.decode(inputs.content, name=job.content)
-        init = images.decode(inputs.init, name=init_uri(job)) if inputs.init is not None else None
+        with about(job, "content"):
+            content = images.decode(inputs.content, name=job.content)
+        init = None
+        if inputs.init is not None:
+            with about(job, "settings.init"):
+                init = images.decode(inputs.init, name=init_uri(job))
         targets = self._style_targets(job, inputs)
         began = datetime.now(timezone.utc)
 
