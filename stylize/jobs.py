@@ -20,9 +20,10 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Iterator, Literal
+from typing import Any, Callable, Iterator, Literal
 
 import torch
+from PIL import Image
 
 from . import __version__, images, metadata
 from .errors import InputError, StorageError, StylizeError, TransientStorageError
@@ -178,55 +179,109 @@ class JobRunner:
         image_uri: str | None = None,
         metadata_uri: str | None = None,
     ) -> Outcome:
-        """Run ``job``; returns its ``Outcome``. Raises only ``TransientStorageError``."""
-        started = time.perf_counter()
-        try:
-            return self._run(job, storage, callback, skip_complete, image_uri or job.image_uri,
-                             metadata_uri or job.metadata_uri, started)
-        except TransientStorageError:
-            raise
-        except StylizeError as exc:
-            log.info("job %s failed: %s", job.name, exc)
-            return Outcome(job.name, "failed", time.perf_counter() - started, error=str(exc))
+        """Prepare, compute and finish ``job`` here; returns its ``Outcome``.
 
-    def _run(self, job, storage, callback, skip_complete, image_uri, metadata_uri, started) -> Outcome:
+        Raises only ``TransientStorageError``; every other problem is a failed outcome.
+        """
+        prepared = prepare(job, storage, skip_complete=skip_complete, image_uri=image_uri,
+                           metadata_uri=metadata_uri)
+        if isinstance(prepared, Outcome):
+            return prepared
+        return guarded(job, prepared.started, lambda: finish(prepared, self.compute(prepared, callback, storage), storage))
+
+    def compute(self, prepared: "Prepared", callback: RecordCallback | None = None,
+                storage: Storage | None = None):
+        """The device part of a job: style targets (cached) and the optimization.
+
+        ``storage`` is needed only when the settings ask for intermediate saves.
+        """
+        job, inputs = prepared.job, prepared.inputs
+        targets = self._style_targets(job, inputs)
+        snapshot = None
+        if job.settings.save_every and storage is not None:
+            def snapshot(iteration, scale, image):  # noqa: E306 - written while the job runs
+                uri = _snapshot_uri(prepared.image_uri, iteration)
+                storage.write(uri, images.encode(image, job.settings.format, quality=job.settings.quality))
+
+        prepared.began = datetime.now(timezone.utc)
+        return self.engine.run(prepared.content, targets, job.settings, init=prepared.init,
+                               callback=callback, snapshot=snapshot)
+
+
+@dataclass
+class Prepared:
+    """A job whose inputs are read, checksummed and decoded, ready for a device."""
+
+    job: Job
+    inputs: Inputs
+    key: str
+    content: Image.Image
+    init: Image.Image | None
+    image_uri: str
+    metadata_uri: str
+    started: float  # perf_counter at the start of the job
+    began: datetime | None = None  # wall clock when the optimization started
+
+
+def guarded(job: Job, started: float, step: Callable[[], Any]) -> Any:
+    """Run one stage of ``job``: transient storage errors propagate (to be retried), every
+    other ``StylizeError`` becomes the job's failed ``Outcome``."""
+    try:
+        return step()
+    except TransientStorageError:
+        raise
+    except StylizeError as exc:
+        log.info("job %s failed: %s", job.name, exc)
+        return Outcome(job.name, "failed", time.perf_counter() - started, error=str(exc))
+
+
+def prepare(job: Job, storage: Storage, *, skip_complete: bool = True, image_uri: str | None = None,
+            metadata_uri: str | None = None) -> Prepared | Outcome:
+    """The I/O before the device: read and checksum inputs, skip a complete job, decode.
+
+    Needs no device, so a catalog can prepare the next jobs while the device
+    computes. Returns a ``Prepared`` job, or the job's ``Outcome`` when it is
+    skipped or its inputs are unusable.
+    """
+    started = time.perf_counter()
+
+    def step() -> Prepared | Outcome:
         inputs = read_inputs(job, storage)
         key = key_for(job, inputs)
         if skip_complete and metadata.is_complete(storage, job, key):
-            return Outcome(job.name, "skipped", time.perf_counter() - started, output=image_uri)
+            return Outcome(job.name, "skipped", time.perf_counter() - started, output=job.image_uri)
         with about(job, "content"):
             content = images.decode(inputs.content, name=job.content)
         init = None
         if inputs.init is not None:
             with about(job, "settings.init"):
                 init = images.decode(inputs.init, name=init_uri(job))
-        targets = self._style_targets(job, inputs)
-        began = datetime.now(timezone.utc)
+        return Prepared(job, inputs, key, content, init, image_uri or job.image_uri,
+                        metadata_uri or job.metadata_uri, started)
 
-        snapshot = None
-        if job.settings.save_every:
-            def snapshot(iteration, scale, image):  # noqa: E306 - written while the job runs
-                uri = _snapshot_uri(image_uri, iteration)
-                storage.write(uri, images.encode(image, job.settings.format, quality=job.settings.quality))
+    return guarded(job, started, step)
 
-        result = self.engine.run(content, targets, job.settings, init=init, callback=callback, snapshot=snapshot)
-        data = images.encode(result.image, job.settings.format, quality=job.settings.quality)
-        # Image first, metadata last: metadata present means the job is complete.
-        storage.write(image_uri, data, content_type=f"image/{job.settings.format}")
-        meta = metadata.build_metadata(
-            job=job, key=key, inputs=inputs.info, output_uri=image_uri, output_size=len(data),
-            device=result.device, versions=versions(job.settings.weights), started=began,
-            finished=datetime.now(timezone.utc), records=result.records,
-        )
-        meta["engine"] = {"precision": result.precision, "sizes": [list(s) for s in result.sizes],
-                          "stopped_early": result.stopped_early, "seconds": round(result.seconds, 3)}
-        storage.write(metadata_uri, metadata.encode(meta), content_type="application/json")
-        last = result.records[-1]
-        return Outcome(
-            job.name, "done", time.perf_counter() - started, result.seconds, output=image_uri,
-            final={"total": last.total, "content": last.content, "style": last.style, "tv": last.tv},
-            iterations=last.iteration,
-        )
+
+def finish(prepared: Prepared, result, storage: Storage) -> Outcome:
+    """Write the image, then the metadata (its presence means the job is complete)."""
+    job = prepared.job
+    data = images.encode(result.image, job.settings.format, quality=job.settings.quality)
+    storage.write(prepared.image_uri, data, content_type=f"image/{job.settings.format}")
+    meta = metadata.build_metadata(
+        job=job, key=prepared.key, inputs=prepared.inputs.info, output_uri=prepared.image_uri,
+        output_size=len(data), device=result.device, versions=versions(job.settings.weights),
+        started=prepared.began or datetime.now(timezone.utc), finished=datetime.now(timezone.utc),
+        records=result.records,
+    )
+    meta["engine"] = {"precision": result.precision, "sizes": [list(s) for s in result.sizes],
+                      "stopped_early": result.stopped_early, "seconds": round(result.seconds, 3)}
+    storage.write(prepared.metadata_uri, metadata.encode(meta), content_type="application/json")
+    last = result.records[-1]
+    return Outcome(
+        job.name, "done", time.perf_counter() - prepared.started, result.seconds, output=prepared.image_uri,
+        final={"total": last.total, "content": last.content, "style": last.style, "tv": last.tv},
+        iterations=last.iteration,
+    )
 
 
 def _snapshot_uri(image_uri: str, iteration: int) -> str:
