@@ -32,7 +32,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.tasks import exponential_backoff
 
 from stylize.errors import StylizeError, TransientStorageError
-from stylize.jobs import Outcome
+from stylize.jobs import Outcome, finish, guarded, prepare
 from stylize.manifest import Job, Manifest, in_shard, load_manifest, parse_shard, storage_for
 from stylize.storage import Storage, join
 
@@ -78,12 +78,20 @@ def load(manifest_uri: str) -> Manifest:
       retry_delay_seconds=exponential_backoff(2), retry_jitter_factor=0.5,
       retry_condition_fn=_transient_only, cache_policy=NO_CACHE, persist_result=False)
 def stylize_job(job: Job, storage: Storage, slots: list[str]) -> Outcome:
-    """Run one job on a free device; returns its outcome (failed jobs included)."""
-    with pool_for(slots).device() as device:
-        def report(record):  # noqa: E306 - per-iteration progress for the CLI
-            progress_log.debug("iteration", extra={"job": job.name, "record": record})
+    """Run one job: its reads and decoding before taking a device, its writes after
+    giving it back, so I/O of other jobs overlaps the device's compute."""
+    prepared = prepare(job, storage)
+    if isinstance(prepared, Outcome):  # skipped, or unusable inputs
+        return prepared
 
-        return runner_for(device).run(job, storage, callback=report)
+    def report(record):  # per-iteration progress for the CLI
+        progress_log.debug("iteration", extra={"job": job.name, "record": record})
+
+    with pool_for(slots).device() as device:
+        result = guarded(job, prepared.started, lambda: runner_for(device).compute(prepared, report, storage))
+    if isinstance(result, Outcome):
+        return result
+    return guarded(job, prepared.started, lambda: finish(prepared, result, storage))
 
 
 def _jobs(doc: Manifest, storage: Storage, settings, output, shard) -> Iterator[Job]:
