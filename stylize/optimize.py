@@ -363,68 +363,101 @@ class Engine:
         (the caller reads it). Raises ``InputError`` for unusable images,
         ``OptimizationError`` when the loss stops being finite.
         """
+        return self.run_batch(
+            [content], styles, settings, inits=[init],
+            callback=None if callback is None else (lambda i, rec: callback(rec)),
+            snapshot=None if snapshot is None else (lambda i, it, scale, image: snapshot(it, scale, image)),
+        )[0]
+
+    def run_batch(
+        self,
+        contents: Sequence[Image.Image],
+        styles: Sequence[Image.Image] | StyleTargets,
+        settings: Settings | None = None,
+        *,
+        inits: Sequence[Image.Image | None] | None = None,
+        callback: Callable[[int, Record], None] | None = None,
+        snapshot: Callable[[int, int, int, Image.Image], None] | None = None,
+    ) -> list[Result]:
+        """Stylize several content images of the same size with the same styles in one batch.
+
+        Every image keeps its own L-BFGS history, step and early stopping, so
+        each result is what ``run`` gives for that image alone (up to float
+        rounding); batching changes speed, not pictures. ``callback(i, record)``
+        and ``snapshot(i, iteration, scale, image)`` name the image by position.
+        """
         s = settings or Settings()
         started = time.perf_counter()
+        b = len(contents)
+        inits = list(inits) if inits is not None else [None] * b
         targets = styles if isinstance(styles, StyleTargets) else self.style_targets(styles, s)
-        need = max(min_side(s.content_layers), min_side(s.style_layers))
-        if min(content.size) < need:
-            raise InputError(
-                f"content image is {content.size[0]}x{content.size[1]} px; the layers up to "
-                f"{max(s.content_layers + s.style_layers, key=LAYER_INDEX.get)} need at least {need} px on each side"
-            )
-        sizes = level_sizes(*content.size, s)
-        if min(sizes[-1]) < need:
-            raise InputError(
-                f"output would be {sizes[-1][0]}x{sizes[-1][1]} px; the chosen layers need at least {need} px "
-                f"on each side; raise size"
-            )
-        w, h = sizes[-1]
-        if w * h > s.max_pixels:
-            fit = math.isqrt(s.max_pixels * max(w, h) // min(w, h))
-            raise ResourceError(f"output {w}x{h} px is over the pixel budget {s.max_pixels}; size {fit} would fit")
-        if s.init not in ("content", "random") and init is None:
-            raise ConfigError(f"init {s.init!r} names an image, but none was given to the engine")
+        sizes = self._check_sizes(contents, inits, s)
 
         model = self.features(s)
         dtype = self.dtype(s)
-        records: list[Record] = []
-        stopped: list[bool] = []
+        records: list[list[Record]] = [[] for _ in range(b)]
+        stopped: list[list[bool]] = [[] for _ in range(b)]
+        iterations = [0] * b
         x: Tensor | None = None
-        iteration = 0
         for level, (lw, lh) in enumerate(sizes, start=1):
-            c = images.to_tensor(images.resize(content, (lw, lh)), self.device)  # (1, 3, lh, lw)
-            luminance = None
+            c = torch.cat([images.to_tensor(images.resize(im, (lw, lh)), self.device) for im in contents])  # (b, 3, h, w)
             if s.preserve_color:
-                yiq = images.rgb_to_yiq(c)
-                c_target = yiq[:, :1]
-                luminance = (c_target.mean().item(), c_target.std().item())
+                c_target = images.rgb_to_yiq(c)[:, :1]  # (b, 1, h, w) luminance
+                grams = [targets.grams(max(lw, lh), (y.mean().item(), y.std().item())) for y in c_target]
+                style_grams = {n: torch.cat([g[n] for g in grams]) for n in s.style_layers}  # (b, c, c)
             else:
                 c_target = c
+                style_grams = targets.grams(max(lw, lh))  # (1, c, c), shared by the batch
             if x is None:
-                x = self._initial(s, c_target, init, (lh, lw))
+                x = torch.cat([self._initial(s, c_target[i:i + 1], inits[i], (lh, lw)) for i in range(b)])
             else:
                 x = _resize_tensor(x, (lh, lw))
             with torch.no_grad():
-                rgb = c_target.expand(-1, 3, -1, -1)
-                content_feats = run_features(model, rgb, s.content_layers, dtype, self.channels_last)
-            objective = Objective(model, s, content_feats, targets.grams(max(lw, lh), luminance),
-                                  dtype, self.channels_last)
+                content_feats = run_features(model, c_target.expand(-1, 3, -1, -1), s.content_layers, dtype,
+                                             self.channels_last)
+            objective = Objective(model, s, content_feats, style_grams, dtype, self.channels_last)
             x = x.detach().clone().requires_grad_(True)
-            iteration, early = self._optimize(x, objective, s, level, iteration, started, records,
-                                              callback, snapshot, c)
-            stopped.append(early)
-            log.debug("level %d (%dx%d) done at iteration %d", level, lw, lh, iteration)
+            x, early = self._optimize(x, objective, s, level, iterations, started, records, callback, snapshot, c)
+            for i in range(b):
+                stopped[i].append(early[i])
+            log.debug("level %d (%dx%d) done at iterations %s", level, lw, lh, iterations)
 
-        out = self._to_rgb(x.detach(), c, s)
-        return Result(
-            image=images.to_image(out),
-            records=records,
-            seconds=time.perf_counter() - started,
-            device=str(self.device),
-            precision=str(dtype).replace("torch.", ""),
-            sizes=sizes,
-            stopped_early=stopped,
-        )
+        out = self._to_rgb(x, c, s)
+        seconds = time.perf_counter() - started
+        return [
+            Result(image=images.to_image(out[i]), records=records[i], seconds=seconds, device=str(self.device),
+                   precision=str(dtype).replace("torch.", ""), sizes=sizes, stopped_early=stopped[i])
+            for i in range(b)
+        ]
+
+    @staticmethod
+    def _check_sizes(contents, inits, s: Settings) -> list[tuple[int, int]]:
+        """Level sizes shared by every content image; errors for unusable ones."""
+        if s.init not in ("content", "random") and any(init is None for init in inits):
+            raise ConfigError(f"init {s.init!r} names an image, but none was given to the engine")
+        need = max(min_side(s.content_layers), min_side(s.style_layers))
+        deepest = max(s.content_layers + s.style_layers, key=LAYER_INDEX.get)
+        sizes = None
+        for content in contents:
+            if min(content.size) < need:
+                raise InputError(
+                    f"content image is {content.size[0]}x{content.size[1]} px; the layers up to "
+                    f"{deepest} need at least {need} px on each side"
+                )
+            these = level_sizes(*content.size, s)
+            if sizes is not None and these != sizes:
+                raise ConfigError(f"a batch needs images of one size; found {these[-1]} and {sizes[-1]}")
+            sizes = these
+        w, h = sizes[-1]
+        if min(w, h) < need:
+            raise InputError(
+                f"output would be {w}x{h} px; the layers up to {deepest} need at least {need} px on each side; "
+                "raise size"
+            )
+        if w * h > s.max_pixels:
+            fit = math.isqrt(s.max_pixels * max(w, h) // min(w, h))
+            raise ResourceError(f"output {w}x{h} px is over the pixel budget {s.max_pixels}; size {fit} would fit")
+        return sizes
 
     def _initial(self, s: Settings, content: Tensor, init: Image.Image | None, hw: tuple[int, int]) -> Tensor:
         if s.init == "content":
@@ -443,60 +476,82 @@ class Engine:
         iq = images.rgb_to_yiq(content_rgb)[:, 1:]
         return images.yiq_to_rgb(torch.cat([x, iq], dim=1))
 
-    def _optimize(self, x, objective, s, level, iteration, started, records, callback, snapshot, content_rgb):
+    def _optimize(self, x, objective, s, level, iterations, started, records, callback, snapshot, content_rgb):
+        """One level for a batch. Returns the final images (b, ...) and which stopped early.
+
+        An image that converges is frozen at that iterate (its records stop)
+        while the others go on, exactly as if it had run alone.
+        """
+        b = x.shape[0]
         parts: dict[str, Tensor] = {}
+        active = [True] * b
+        frozen: dict[int, Tensor] = {}
+        histories: list[list[float]] = [[] for _ in range(b)]
 
         def evaluate() -> Tensor:
             total, c, st, tv = objective(x)
             parts.update(total=total.detach(), content=c.detach(), style=st.detach(), tv=tv.detach())
             return total
 
-        def record(it: int) -> float:
-            values = {k: float(v.sum()) for k, v in parts.items()}
-            if not all(math.isfinite(v) for v in values.values()):
-                raise OptimizationError(
-                    f"loss became {values['total']} at iteration {it} (scale {level}/{s.scales}); "
-                    "lower learning_rate or the loss weights"
-                )
-            rec = Record(it, level, values["total"], values["content"], values["style"], values["tv"],
-                         time.perf_counter() - started)
-            records.append(rec)
-            if callback is not None:
-                callback(rec)
-            if snapshot is not None and s.save_every and it % s.save_every == 0 and it > 0:
-                snapshot(it, level, images.to_image(self._to_rgb(x.detach(), content_rgb, s)))
-            return rec.total
+        def record(step_taken: bool) -> None:
+            # One device sync per evaluation for the whole batch.
+            rows = torch.stack([parts["total"], parts["content"], parts["style"], parts["tv"]], 1).tolist()
+            now = time.perf_counter() - started
+            for i in range(b):
+                if not active[i]:
+                    continue
+                if step_taken:
+                    iterations[i] += 1
+                total, content, style, tv = rows[i]
+                if not all(math.isfinite(v) for v in rows[i]):
+                    raise OptimizationError(
+                        f"loss became {total} at iteration {iterations[i]} (scale {level}/{s.scales}); "
+                        "lower learning_rate or the loss weights"
+                    )
+                rec = Record(iterations[i], level, total, content, style, tv, now)
+                records[i].append(rec)
+                histories[i].append(total)
+                if callback is not None:
+                    callback(i, rec)
+                it = iterations[i]
+                if snapshot is not None and s.save_every and it % s.save_every == 0 and it > 0:
+                    snapshot(i, it, level, images.to_image(self._to_rgb(x[i:i + 1].detach(), content_rgb[i:i + 1], s)))
+                if step_taken and _converged(histories[i], s):
+                    active[i] = False
+                    frozen[i] = x[i].detach().clone()
 
-        history: list[float] = []
+        def result() -> tuple[Tensor, list[bool]]:
+            out = x.detach().clone()
+            for i, xi in frozen.items():
+                out[i] = xi
+            return out, [i in frozen for i in range(b)]
+
         if s.optimizer == "lbfgs":
             opt = BatchedLBFGS(x, lr=s.step_size())
             opt.start(evaluate)
-            history.append(record(iteration))
+            record(step_taken=False)
             for _ in range(s.iterations):
+                if not any(active):
+                    break
                 opt.step(evaluate)
-                iteration += 1
-                history.append(record(iteration))
-                if _converged(history, s):
-                    return iteration, True
-            return iteration, False
+                record(step_taken=True)
+            return result()
 
-        # Adam: each evaluation describes the iterate before its update, so
-        # the loop records x_i and a final no-grad pass records the result.
+        # Adam: an evaluation describes the iterate before its update, so the
+        # first evaluation of each step records the previous step's result
+        # and a final no-grad pass records the last one.
         adam = torch.optim.Adam([x], lr=s.step_size())
         for i in range(s.iterations + 1):
             adam.zero_grad(set_to_none=True)
-            if i == s.iterations:
+            if i == s.iterations or not any(active):
                 with torch.no_grad():
                     evaluate()
-                history.append(record(iteration))
-                return iteration, False
+                record(step_taken=i > 0)
+                return result()
             evaluate().sum().backward()
-            history.append(record(iteration))
-            if _converged(history, s):
-                return iteration, True
+            record(step_taken=i > 0)
             adam.step()
-            iteration += 1
-        return iteration, False
+        return result()
 
 
 def _converged(history: list[float], s: Settings) -> bool:

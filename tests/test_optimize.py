@@ -172,3 +172,20 @@ def test_batched_lbfgs_equals_per_image():
         torch.testing.assert_close(together[i], solve([i])[0], rtol=1e-5, atol=1e-6)
     # And it actually solved the problems.
     torch.testing.assert_close(together[0], torch.linalg.solve(mats[0], targets[0]), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("extra", [{}, {"preserve_color": True}, {"tolerance": 0.2, "tolerance_window": 2}],
+                         ids=["plain", "preserve-color", "early-stop"])
+def test_batch_equals_each_image_alone(engine, cat, starry, extra):
+    """Batching changes speed, not pictures: each image of a batch ends where it would alone."""
+    other = cat.transpose(Image.Transpose.FLIP_LEFT_RIGHT).point(lambda v: 255 - v)
+    s = small(iterations=8, **extra)
+    batch = engine.run_batch([cat, other], [starry], s)
+    for image, got in zip([cat, other], batch):
+        alone = engine.run(image, [starry], s)
+        assert [r.iteration for r in got.records] == [r.iteration for r in alone.records]
+        # Convolutions over a batch round differently from one image; L-BFGS
+        # carries those float32 differences along, so the match is close, not exact.
+        assert [r.total for r in got.records] == pytest.approx([r.total for r in alone.records], rel=1e-2)
+        diff = (images.to_tensor(got.image) - images.to_tensor(alone.image)).abs()
+        assert diff.mean() < 1 / 255
