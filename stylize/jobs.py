@@ -20,15 +20,15 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Callable, Iterator, Literal
+from typing import Any, Callable, Iterator, Literal, Sequence
 
 import torch
 from PIL import Image
 
 from . import __version__, images, metadata
-from .errors import InputError, StorageError, StylizeError, TransientStorageError
+from .errors import ConfigError, InputError, StorageError, StylizeError, TransientStorageError
 from .manifest import Job
-from .optimize import Engine, RecordCallback, StyleTargets
+from .optimize import Engine, Record, RecordCallback, StyleTargets, level_sizes
 from .storage import Storage
 
 log = logging.getLogger(__name__)
@@ -191,21 +191,41 @@ class JobRunner:
 
     def compute(self, prepared: "Prepared", callback: RecordCallback | None = None,
                 storage: Storage | None = None):
-        """The device part of a job: style targets (cached) and the optimization.
+        """The device part of one job: style targets (cached) and the optimization.
 
         ``storage`` is needed only when the settings ask for intermediate saves.
         """
-        job, inputs = prepared.job, prepared.inputs
-        targets = self._style_targets(job, inputs)
-        snapshot = None
-        if job.settings.save_every and storage is not None:
-            def snapshot(iteration, scale, image):  # noqa: E306 - written while the job runs
-                uri = _snapshot_uri(prepared.image_uri, iteration)
-                storage.write(uri, images.encode(image, job.settings.format, quality=job.settings.quality))
+        hook = None if callback is None else (lambda _prepared, record: callback(record))
+        return self.compute_batch([prepared], hook, storage)[0]
 
-        prepared.began = datetime.now(timezone.utc)
-        return self.engine.run(prepared.content, targets, job.settings, init=prepared.init,
-                               callback=callback, snapshot=snapshot)
+    def compute_batch(self, batch: Sequence["Prepared"],
+                      callback: Callable[["Prepared", Record], None] | None = None,
+                      storage: Storage | None = None) -> list:
+        """Optimize jobs that share a ``batch_key`` in one batch; one Result per job."""
+        first = batch[0]
+        if any(batch_key(p) != batch_key(first) for p in batch[1:]):
+            raise ConfigError("jobs in one batch must share styles, settings and size (see batch_key)")
+        settings = first.job.settings
+        targets = self._style_targets(first.job, first.inputs)
+        snapshot = None
+        if settings.save_every and storage is not None:
+            def snapshot(i, iteration, scale, image):  # noqa: E306 - written while the job runs
+                uri = _snapshot_uri(batch[i].image_uri, iteration)
+                storage.write(uri, images.encode(image, settings.format, quality=settings.quality))
+
+        began = datetime.now(timezone.utc)
+        for p in batch:
+            p.began = began
+        hook = None if callback is None else (lambda i, record: callback(batch[i], record))
+        return self.engine.run_batch([p.content for p in batch], targets, settings,
+                                     inits=[p.init for p in batch], callback=hook, snapshot=snapshot)
+
+
+def batch_key(prepared: "Prepared") -> tuple:
+    """Jobs with equal keys can share one optimization batch: same styles, settings and size."""
+    s = prepared.job.settings
+    styles = tuple(d["sha256"] for d in prepared.inputs.info["styles"])
+    return styles, s, tuple(level_sizes(*prepared.content.size, s))
 
 
 @dataclass
