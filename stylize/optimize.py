@@ -320,9 +320,19 @@ class Engine:
     Thread-safe for use by one job at a time per device; build one Engine per device.
     """
 
-    def __init__(self, device: str | torch.device = "auto"):
+    def __init__(self, device: str | torch.device = "auto", *, channels_last: bool = True, tf32: bool = True,
+                 cudnn_benchmark: bool = True, compile: bool = False):
+        """``channels_last``: NHWC tensors, which oneDNN and cuDNN convolve fastest (about 1.8x
+        on this CPU in float32). On CUDA, ``tf32`` lets float32 convolutions use TF32 tensor
+        cores and ``cudnn_benchmark`` picks the fastest algorithm per shape (both process-wide
+        switches in torch). ``compile`` wraps the network in ``torch.compile``."""
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
-        self.channels_last = self.device.type in ("cpu", "cuda")
+        self.channels_last = channels_last and self.device.type in ("cpu", "cuda")
+        self.compile = compile
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+            torch.backends.cudnn.allow_tf32 = tf32
+            torch.backends.cudnn.benchmark = cudnn_benchmark
         self._models: dict[tuple, VGG19Features] = {}
         self._lock = threading.Lock()
 
@@ -336,6 +346,8 @@ class Engine:
                 model = model.to(self.device)
                 if self.channels_last:
                     model = model.to(memory_format=torch.channels_last)
+                if self.compile:
+                    model = torch.compile(model, dynamic=True)
                 self._models[key] = model
             return self._models[key]
 
