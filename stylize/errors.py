@@ -57,3 +57,7 @@ class ManifestError(StylizeError):
         # Exceptions pickle as cls(*args); ours takes (source, problems), so
         # say so, or a ManifestError raised in a worker process cannot come back.
         return (type(self), (self.source, self.problems))
+
+
+class PrefectApiError(StylizeError):
+    """The Prefect API could not be reached or refused a request."""

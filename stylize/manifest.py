@@ -41,10 +41,9 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, StringConstraints, 
 
 from .errors import ConfigError, ManifestError, StorageError, TransientStorageError
 from .settings import Settings, settings_error_problems
-from .storage import Storage, is_s3, join, local_path, parent, split_s3
+from .storage import IMAGE_EXTENSIONS, Storage, is_listed_image, is_s3, join, local_path, parent, split_s3
 
 VERSION = 1
-IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
 # Output file extension per Settings.format.
 _EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
 _TOP_KEYS = ("version", "output", "storage", "defaults", "pairs", "grid")
@@ -496,7 +495,7 @@ class _Expansion:
             regex = _glob_regex(pattern)
             for item in self.storage.list(root):
                 rel = _relative(item, root)
-                if regex.fullmatch(rel) and _is_visible_image(rel):
+                if regex.fullmatch(rel) and is_listed_image(rel):
                     yield item, _strip_ext(rel), True
         elif not entry.endswith("/") and (_is_image(uri) or self.storage.exists(uri)):
             # A named file: the name is its stem. Existence is checked by
@@ -505,7 +504,7 @@ class _Expansion:
         else:
             for item in self.storage.list(uri):
                 rel = _relative(item, uri)
-                if _is_visible_image(rel):
+                if is_listed_image(rel):
                     yield item, _strip_ext(rel), True
 
     def claim(self, name: str, name_path: str, src: str, content: str, *, derived: bool) -> list[Problem]:
@@ -732,12 +731,6 @@ def _pair_name(content: str, styles: list[str]) -> str:
 
 def _is_image(uri: str) -> bool:
     return posixpath.splitext(uri)[1].lower() in IMAGE_EXTENSIONS
-
-
-def _is_visible_image(rel: str) -> bool:
-    # Dot files and folders are skipped: macOS "._IMG.jpg" resource forks and
-    # ".thumbnails/" caches look like images but are not the catalog.
-    return _is_image(rel) and not any(part.startswith(".") for part in rel.split("/"))
 
 
 def _relative(item: str, root: str) -> str:

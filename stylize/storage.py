@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import mimetypes
 import os
+import posixpath
 import secrets
 import threading
 from dataclasses import dataclass
@@ -42,6 +43,9 @@ _DENIED_CODES = frozenset({
     "ExpiredToken", "InvalidToken", "TokenRefreshRequired", "AccountProblem", "403",
 })
 _NOT_FOUND_CODES = frozenset({"NoSuchKey", "NotFound", "404"})
+
+#: Extensions of the files a listing counts as images (manifest grids, storage events).
+IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,18 @@ def local_path(uri: str) -> str:
             )
         return unquote(parsed.path)
     return os.path.abspath(os.path.expanduser(uri))
+
+
+def is_listed_image(relative: str) -> bool:
+    """True if a file found by listing, at ``relative`` below the listed folder, is an image.
+
+    It needs an image extension, and no part of its path may start with a dot:
+    macOS "._IMG.jpg" resource forks and ".thumbnails/" caches look like
+    images but are not the catalog.
+    """
+    if posixpath.splitext(relative)[1].lower() not in IMAGE_EXTENSIONS:
+        return False
+    return not any(part.startswith(".") for part in relative.split("/"))
 
 
 def parent(uri: str) -> str:

@@ -1,0 +1,285 @@
+"""The watcher end to end: real S3 notifications from the loopback S3 server to its SQS queue,
+runs started in-process or through the test Prefect API, and the Lambda handler against that API."""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from pathlib import Path
+
+import boto3
+import pytest
+
+from flows.catalog import stylize_catalog
+from flows.watch import DeploymentRuns, InProcessRuns, Watcher, check_standing_manifest
+from stylize.cli import main
+from stylize.errors import ConfigError, PrefectApiError
+from stylize.events import ObjectEvent, Routes, RunLedger, handler
+
+DATA = Path(__file__).parent.parent / "data"
+FAST = {"size": 32, "iterations": 2, "scales": 1, "precision": "float32"}
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def sqs(s3_server):
+    return boto3.session.Session().client("sqs", endpoint_url=s3_server, region_name="us-east-1")
+
+
+@pytest.fixture
+def env(s3_server, monkeypatch):
+    """Plain ``Storage()`` (which reads the manifests) talks to the loopback server."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
+
+
+def notify(s3, sqs, bucket: str) -> str:
+    """A fresh queue that receives the bucket's ObjectCreated notifications; returns its URL."""
+    url = sqs.create_queue(QueueName=f"stylize-{uuid.uuid4().hex[:12]}")["QueueUrl"]
+    arn = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    s3.put_bucket_notification_configuration(Bucket=bucket, NotificationConfiguration={
+        "QueueConfigurations": [{"QueueArn": arn, "Events": ["s3:ObjectCreated:*"]}],
+    })
+    return url
+
+
+def in_queue(sqs, url: str) -> int:
+    """Messages still in the queue, visible or not."""
+    attrs = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=[
+        "ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"])["Attributes"]
+    return int(attrs["ApproximateNumberOfMessages"]) + int(attrs["ApproximateNumberOfMessagesNotVisible"])
+
+
+def peek(sqs, url: str, key: str) -> str:
+    """The body of the notification for ``key``, left in the queue."""
+    reply = sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10, VisibilityTimeout=0)
+    bodies = [m["Body"] for m in reply.get("Messages", []) if key in m["Body"].replace("%2F", "/")]
+    assert len(bodies) == 1, reply
+    return bodies[0]
+
+
+def put(s3, bucket: str, key: str, body: bytes) -> ObjectEvent:
+    etag = s3.put_object(Bucket=bucket, Key=key, Body=body)["ETag"].strip('"')
+    return ObjectEvent(bucket, key, etag)
+
+
+def put_manifest(s3, bucket, endpoint, key: str, output: str, **block) -> ObjectEvent:
+    body = {"version": 1, "output": f"s3://{bucket}/{output}", "defaults": FAST,
+            "storage": {"endpoint_url": endpoint, "region": "us-east-1"}, **block}
+    return put(s3, bucket, key, json.dumps(body).encode())  # JSON is YAML
+
+
+def put_inputs(s3, bucket, image_bytes, photos=("cat",)) -> None:
+    put(s3, bucket, "styles/starry.jpg", (DATA / "starry_night.jpg").read_bytes())
+    for i, name in enumerate(photos):
+        put(s3, bucket, f"photos/{name}.png", image_bytes("png", size=(32, 24), color=(40 * i % 256, 90, 200)))
+
+
+def cat_pair(bucket: str) -> list[dict]:
+    return [{"content": f"s3://{bucket}/photos/cat.png", "style": f"s3://{bucket}/styles/starry.jpg"}]
+
+
+def summaries(s3, bucket: str, output: str) -> list[dict]:
+    """The run summaries under an output root: one per flow run that ran."""
+    listing = s3.list_objects_v2(Bucket=bucket, Prefix=f"{output}/_runs/").get("Contents", [])
+    return [json.loads(s3.get_object(Bucket=bucket, Key=o["Key"])["Body"].read()) for o in listing]
+
+
+def watcher(queue, sqs, routes, runs, **options) -> Watcher:
+    options = {"debounce": 1.0, "wait_seconds": 1, "retry_after": 0, **options}
+    return Watcher(queue, routes, runs, sqs=sqs, **options)
+
+
+# --- in-process -------------------------------------------------------------------
+
+
+def test_manifest_upload_starts_one_run_redelivery_none_garbage_dropped(
+        s3, sqs, bucket, s3_server, env, image_bytes, tmp_path, caplog):
+    put_inputs(s3, bucket, image_bytes)
+    queue = notify(s3, sqs, bucket)
+    routes = Routes(manifest_prefix=f"s3://{bucket}/manifests/")
+    w = watcher(queue, sqs, routes, InProcessRuns(RunLedger(str(tmp_path / "state" / "started.sqlite3"))))
+    pairs = cat_pair(bucket)
+
+    # (a) A new manifest starts exactly one run, which writes the outputs.
+    put_manifest(s3, bucket, s3_server, "manifests/one.yaml", "out", pairs=pairs)
+    body = peek(sqs, queue, "manifests/one.yaml")
+    w.run(until_idle=True, max_polls=10)
+    [summary] = summaries(s3, bucket, "out")
+    assert summary["counts"] == {"done": 1, "skipped": 0, "failed": 0, "total": 1}
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="out/")["Contents"]}
+    assert {"out/cat__starry.png", "out/cat__starry.json"} <= keys
+    assert in_queue(sqs, queue) == 0  # the manifest's notification and the S3 test event
+
+    # (b) The same notification delivered again starts nothing and is deleted.
+    sqs.send_message(QueueUrl=queue, MessageBody=body)
+    w.run(until_idle=True, max_polls=10)
+    assert len(summaries(s3, bucket, "out")) == 1
+    assert in_queue(sqs, queue) == 0
+
+    # (d) Garbage is logged and dropped, an invalid manifest fails its own run (and is not
+    # retried: a retry would not fix it), and the watcher goes on to the next manifest.
+    no_object = {"Records": [{"eventSource": "aws:s3", "eventName": "ObjectCreated:Put"}]}
+    for garbage in ("not json", '{"hello": 1}', json.dumps(no_object)):
+        sqs.send_message(QueueUrl=queue, MessageBody=garbage)
+    put(s3, bucket, "manifests/broken.yaml", b"version: 2\n")
+    put_manifest(s3, bucket, s3_server, "manifests/two.yaml", "out", pairs=pairs)
+    with caplog.at_level(logging.INFO, logger="stylize.watch"):
+        w.run(until_idle=True, max_polls=10)
+    assert in_queue(sqs, queue) == 0
+    runs = summaries(s3, bucket, "out")
+    assert sorted(s["counts"]["skipped"] for s in runs) == [0, 1]  # two.yaml ran; its job was finished
+    logged = " ".join(r.getMessage() for r in caplog.records)
+    assert "expected JSON" in logged and "found keys: hello" in logged and "s3: missing" in logged
+    assert "broken.yaml" in logged and "ended FAILED" in logged
+
+
+def test_images_within_the_debounce_window_start_one_incremental_run(
+        s3, sqs, bucket, s3_server, env, image_bytes, tmp_path):
+    # A standing catalog, run once before the watcher starts: 2 photos x 1 style, finished.
+    put_inputs(s3, bucket, image_bytes, photos=("old-0", "old-1"))
+    standing = put_manifest(s3, bucket, s3_server, "manifests/catalog.yaml", "out/catalog", grid={
+        "contents": [f"s3://{bucket}/photos/"], "styles": [f"s3://{bucket}/styles/starry.jpg"]}).uri
+    first = stylize_catalog(manifest=standing)
+    assert first["counts"]["done"] == 2
+
+    queue = notify(s3, sqs, bucket)
+    routes = Routes(images_prefix=f"s3://{bucket}/photos/", standing_manifest=standing)
+    check_standing_manifest(routes)
+    for i in range(20):
+        put(s3, bucket, f"photos/new-{i:02d}.png", image_bytes("png", size=(32, 24), color=(i * 12, 30, 90)))
+
+    w = watcher(queue, sqs, routes, InProcessRuns(RunLedger(str(tmp_path / "started.sqlite3"))))
+    w.run(until_idle=True, max_polls=20)
+
+    runs = summaries(s3, bucket, "out/catalog")
+    assert len(runs) == 2  # the first run and exactly one more
+    [incremental] = [s for s in runs if s["flow_run_id"] != first["flow_run_id"]]
+    assert incremental["counts"] == {"done": 20, "skipped": 2, "failed": 0, "total": 22}
+    pngs = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="out/catalog/")["Contents"]
+            if o["Key"].endswith(".png")]
+    assert len(pngs) == 22
+    assert in_queue(sqs, queue) == 0
+
+
+def test_standing_manifest_writing_under_the_images_prefix_is_refused(s3, bucket, s3_server, env):
+    standing = put_manifest(s3, bucket, s3_server, "manifests/catalog.yaml", "photos/out", grid={
+        "contents": [f"s3://{bucket}/photos/"], "styles": [f"s3://{bucket}/styles/starry.jpg"]}).uri
+    with pytest.raises(ConfigError, match="would start new runs on themselves"):
+        check_standing_manifest(Routes(images_prefix=f"s3://{bucket}/photos/", standing_manifest=standing))
+
+
+# --- through the Prefect API -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def deployment():
+    """A deployment of the catalog flow in the test API (no worker: its runs stay scheduled)."""
+    deployment_id = stylize_catalog.to_deployment(name="watch-test").apply()
+    return "stylize-catalog/watch-test", deployment_id
+
+
+def flow_runs(deployment_id) -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    with get_client(sync_client=True) as client:
+        return client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])))
+
+
+def test_deployment_runs_are_created_once_and_survive_an_api_outage(
+        s3, sqs, bucket, s3_server, env, image_bytes, deployment):
+    from prefect.settings import PREFECT_API_URL, PREFECT_CLIENT_MAX_RETRIES, temporary_settings
+
+    name, deployment_id = deployment
+    before = {r.id for r in flow_runs(deployment_id)}
+    put_inputs(s3, bucket, image_bytes)
+    standing = f"s3://{bucket}/manifests/catalog.yaml"
+    queue = notify(s3, sqs, bucket)
+    routes = Routes(manifest_prefix=f"s3://{bucket}/manifests/", images_prefix=f"s3://{bucket}/photos/",
+                    standing_manifest=standing)
+    runs = DeploymentRuns(name)
+    runs.check()
+    w = watcher(queue, sqs, routes, runs)
+
+    def new_runs():
+        return [r for r in flow_runs(deployment_id) if r.id not in before]
+
+    manifest = put_manifest(s3, bucket, s3_server, "manifests/one.yaml", "out", pairs=cat_pair(bucket))
+    body = peek(sqs, queue, "manifests/one.yaml")
+    w.run(until_idle=True, max_polls=10)
+    [run] = new_runs()
+    assert run.idempotency_key == routes.manifest_run(manifest).idempotency_key
+    assert run.parameters["manifest"] == manifest.uri
+    assert run.state.is_scheduled()
+
+    sqs.send_message(QueueUrl=queue, MessageBody=body)  # redelivered: Prefect returns the same run
+    w.run(until_idle=True, max_polls=10)
+    assert len(new_runs()) == 1
+    assert in_queue(sqs, queue) == 0
+
+    images = [put(s3, bucket, f"photos/new-{i}.png", image_bytes("png", color=(i, 2, 3))) for i in range(3)]
+    w.run(until_idle=True, max_polls=10)
+    batch = [r for r in new_runs() if r.parameters["manifest"] == standing]
+    assert [r.idempotency_key for r in batch] == [routes.images_run(images).idempotency_key]
+
+    # The API goes away: the run cannot start, the message stays; once it is back, the run starts.
+    later = put_manifest(s3, bucket, s3_server, "manifests/two.yaml", "out", pairs=cat_pair(bucket))
+    with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:9/api", PREFECT_CLIENT_MAX_RETRIES: 0}):
+        w.poll_once()
+    assert in_queue(sqs, queue) == 1
+    assert len(new_runs()) == 2
+    w.run(until_idle=True, max_polls=10)
+    assert in_queue(sqs, queue) == 0
+    assert routes.manifest_run(later).idempotency_key in {r.idempotency_key for r in new_runs()}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--manifest-prefix", "s3://b/m/", "--deployment", "stylize-catalog/nope"], "no such deployment"),
+    (["--manifest-prefix", "s3://b/m/", "--deployment", "nope"], "expected 'flow name/deployment name'"),
+    (["--images-prefix", "s3://b/p/"], "--images-prefix needs --standing-manifest"),
+    (["--manifest-prefix", "s3://b/m/", "--wait-seconds", "30"], "--wait-seconds: expected 0 to 20"),
+])
+def test_watch_command_refuses_bad_settings_before_polling(args, message, tmp_path, capsys):
+    assert main(["watch", "--queue-url", "http://127.0.0.1:9/1/q", "--state-dir", str(tmp_path), *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_lambda_handler_starts_runs_through_the_rest_api(s3, sqs, bucket, s3_server, image_bytes, deployment,
+                                                         monkeypatch):
+    from prefect.settings import PREFECT_API_URL
+
+    name, deployment_id = deployment
+    queue = notify(s3, sqs, bucket)
+    manifest = put_manifest(s3, bucket, s3_server, "manifests/lambda.yaml", "out", pairs=cat_pair(bucket))
+    images = [put(s3, bucket, f"photos/l-{i}.png", image_bytes("png", color=(9, i, 9))) for i in range(2)]
+    reply = sqs.receive_message(QueueUrl=queue, MaxNumberOfMessages=10)
+    # An SQS batch handed to Lambda, carrying the real notifications (and the S3 test event).
+    event = {"Records": [{"eventSource": "aws:sqs", "messageId": m["MessageId"], "body": m["Body"]}
+                         for m in reply["Messages"]]}
+    assert len(event["Records"]) == 4
+
+    standing = f"s3://{bucket}/manifests/catalog.yaml"
+    monkeypatch.setenv("PREFECT_API_URL", PREFECT_API_URL.value())
+    monkeypatch.setenv("STYLIZE_DEPLOYMENT", name)
+    monkeypatch.setenv("STYLIZE_MANIFEST_PREFIX", f"s3://{bucket}/manifests/")
+    monkeypatch.setenv("STYLIZE_IMAGES_PREFIX", f"s3://{bucket}/photos/")
+    monkeypatch.setenv("STYLIZE_STANDING_MANIFEST", standing)
+
+    first = handler(event, None)
+    assert [s["manifest"] for s in first["started"]] == [manifest.uri, standing]
+    assert first["existing"] == [] and len(first["skipped"]) == 1  # the test event
+    second = handler(event, None)  # redelivered: the same runs, none new
+    assert second["started"] == []
+    assert [s["flow_run_id"] for s in second["existing"]] == [s["flow_run_id"] for s in first["started"]]
+
+    routes = Routes(manifest_prefix=f"s3://{bucket}/manifests/", images_prefix=f"s3://{bucket}/photos/",
+                    standing_manifest=standing)
+    by_id = {str(r.id): r for r in flow_runs(deployment_id)}
+    keys = [by_id[s["flow_run_id"]].idempotency_key for s in first["started"]]
+    assert keys == [routes.manifest_run(manifest).idempotency_key, routes.images_run(images).idempotency_key]
+
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
+    with pytest.raises(PrefectApiError, match="cannot reach the Prefect API"):  # Lambda retries the event
+        handler(event, None)
