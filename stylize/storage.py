@@ -193,7 +193,8 @@ class Storage:
                         "s3",
                         endpoint_url=self.endpoint_url,
                         region_name=self.region,
-                        config=Config(retries={"max_attempts": self.max_attempts, "mode": "standard"}),
+                        config=Config(retries={"max_attempts": self.max_attempts, "mode": "standard"},
+                                      max_pool_connections=64),  # one per concurrent task, with room
                     )
         return self._client
 
