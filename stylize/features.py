@@ -187,7 +187,8 @@ def _dequantize_caffe(raw: dict, source: str) -> dict[str, Tensor]:
         except KeyError as exc:
             raise WeightsError(f"{source}: missing key {exc.args[0]!r}") from None
         # The codebook maps each uint8 code to its cluster centre.
-        weight = table.float()[codes.long()]  # (cout, cin, 3, 3)
+        # int32 indices: an int64 copy of the codes would be 8x their size.
+        weight = table.float().index_select(0, codes.flatten().int()).view(codes.shape)  # (cout, cin, 3, 3)
         _check_shape(source, key, weight, (cout, cin, 3, 3))
         state[f"{conv}.weight"] = weight.contiguous()
         state[f"{conv}.bias"] = bias.float().contiguous()
@@ -245,8 +246,9 @@ class VGG19Features(nn.Module):
             if kind == "conv":
                 weight = state[f"{name}.weight"]
                 conv = nn.Conv2d(weight.shape[1], weight.shape[0], kernel_size=3, padding=1)
-                conv.weight = nn.Parameter(weight.clone(), requires_grad=False)
-                conv.bias = nn.Parameter(state[f"{name}.bias"].clone(), requires_grad=False)
+                # Shares the per-process cached tensors: frozen weights are never written.
+                conv.weight = nn.Parameter(weight, requires_grad=False)
+                conv.bias = nn.Parameter(state[f"{name}.bias"], requires_grad=False)
                 layers.append(conv)
             elif kind == "relu":
                 # Not in place: a requested conv output must survive its ReLU.
@@ -265,7 +267,9 @@ class VGG19Features(nn.Module):
             raise ConfigError(
                 f"layer {LAYER_NAMES[deepest]!r} is past this extractor's last layer {self.names[-1]!r}"
             )
-        x = self.preprocess(rgb)
+        # Preprocess in float32 (the Caffe mean needs more than bf16's 8 bits),
+        # then run the stack in the weights' dtype.
+        x = self.preprocess(rgb.float()).to(self.layers[0].weight.dtype)
         out: dict[str, Tensor] = {}
         for i in range(deepest + 1):
             x = self.layers[i](x)

@@ -37,13 +37,33 @@ import torch
 from torch import Tensor, nn
 
 
+class _Gram(torch.autograd.Function):
+    """X^T X / n with a one-product backward.
+
+    Autograd sees X^T X as a product of two views of one tensor and spends two
+    matrix products and a strided add on its gradient; the gradient of
+    X^T X is X (G + G^T), one batched product.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, n: int) -> Tensor:  # x: (b, hw, c)
+        ctx.save_for_backward(x)
+        ctx.n = n
+        return torch.bmm(x.transpose(1, 2), x).div_(n)  # (b, c, c)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (x,) = ctx.saved_tensors
+        return torch.bmm(x, grad + grad.transpose(1, 2)).div_(ctx.n), None  # (b, hw, c)
+
+
 def gram(features: Tensor) -> Tensor:
     """(b, c, h, w) features -> (b, c, c) float32 Gram matrices divided by c*h*w."""
     b, c, h, w = features.shape
     # A channels-last tensor is (b, h, w, c) in memory: view it as (b, h*w, c)
     # without a copy and take X^T X.
     x = features.float().permute(0, 2, 3, 1).reshape(b, h * w, c)  # (b, hw, c)
-    return torch.bmm(x.transpose(1, 2), x).div_(c * h * w)  # (b, c, c)
+    return _Gram.apply(x, c * h * w)
 
 
 class ContentLoss(nn.Module):

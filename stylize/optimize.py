@@ -135,6 +135,11 @@ def level_sizes(width: int, height: int, settings: Settings) -> list[tuple[int, 
     return sizes
 
 
+def _dot(a: Tensor, b: Tensor) -> Tensor:
+    """Row-wise dot products of (b, n) tensors -> (b,), without an (b, n) temporary."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(a.shape[0])
+
+
 class BatchedLBFGS:
     """L-BFGS without line search (as torch.optim.LBFGS and neural-style use it),
     for a batch of independent images: each image has its own history, step and
@@ -167,17 +172,19 @@ class BatchedLBFGS:
         return self._loss_and_grad(evaluate)
 
     def _direction(self, g: Tensor) -> Tensor:
+        """Two-loop recursion, per image. Dots are batched matrix products and updates
+        fused multiply-adds, so no image-sized temporaries are made per history pair."""
         q = g.neg()
         alphas = []
         for s, y, rho in zip(reversed(self.s), reversed(self.y), reversed(self.rho)):
-            alpha = rho * (s * q).sum(1)  # (b,)
-            q.sub_(alpha[:, None] * y)
+            alpha = rho * _dot(s, q)  # (b,)
+            q.addcmul_(y, alpha[:, None], value=-1.0)
             alphas.append(alpha)
         if self.gamma is not None:
             q.mul_(self.gamma[:, None])
         for s, y, rho, alpha in zip(self.s, self.y, self.rho, reversed(alphas)):
-            beta = rho * (y * q).sum(1)
-            q.add_((alpha - beta)[:, None] * s)
+            beta = rho * _dot(y, q)
+            q.addcmul_(s, (alpha - beta)[:, None])
         return q  # (b, n)
 
     def step(self, evaluate: Callable[[], Tensor]) -> Tensor:
@@ -194,8 +201,8 @@ class BatchedLBFGS:
             self.x.add_(s.view_as(self.x))
         loss = self._loss_and_grad(evaluate)
         y = self.g - g
-        ys = (y * s).sum(1)
-        yy = (y * y).sum(1)
+        ys = _dot(y, s)
+        yy = _dot(y, y)
         # Curvature test relative to the scale of y, so tiny (per-element
         # normalized) gradients are not mistaken for flat curvature.
         ok = ys > 1e-10 * yy.clamp_min(1e-30)
@@ -249,13 +256,12 @@ class Objective(nn.Module):
 def run_features(
     model: VGG19Features, rgb: Tensor, layers: Sequence[str], dtype: torch.dtype, channels_last: bool
 ) -> dict[str, Tensor]:
-    """Run the VGG pass in ``dtype`` (autocast) with the chosen memory format."""
+    """Run the VGG pass with the chosen memory format. ``model`` already holds its
+    weights in ``dtype`` (see ``Engine.features``): a bf16 copy of the network, rather
+    than autocast, which would re-cast every frozen weight on every pass."""
     if channels_last:
         rgb = rgb.contiguous(memory_format=torch.channels_last)
-    if dtype == torch.float32:
-        return model(rgb, layers)
-    with torch.autocast(device_type=rgb.device.type, dtype=dtype):
-        return model(rgb, layers)
+    return model(rgb, layers)
 
 
 class StyleTargets:
@@ -337,13 +343,14 @@ class Engine:
         self._lock = threading.Lock()
 
     def features(self, settings: Settings) -> VGG19Features:
-        """The VGG19 stack for the settings' weights and pooling, up to relu5_4, cached."""
-        key = (settings.weights, settings.pooling)
+        """The VGG19 stack for the settings' weights, pooling and precision, up to relu5_4, cached."""
+        dtype = self.dtype(settings)
+        key = (settings.weights, settings.pooling, dtype)
         with self._lock:
             if key not in self._models:
                 model = VGG19Features(resolve_weights(settings.weights), pooling=settings.pooling,
                                       truncate_after="relu5_4")
-                model = model.to(self.device)
+                model = model.to(device=self.device, dtype=dtype)
                 if self.channels_last:
                     model = model.to(memory_format=torch.channels_last)
                 if self.compile:

@@ -46,3 +46,15 @@ def test_tv_hand_computed():
     x = torch.tensor([[0.0, 1.0, 0.0], [0.0, 1.0, 0.0]]).view(1, 1, 2, 3)
     # dx: 4 diffs all of size 1 -> mean 1; dy: 3 diffs all 0 -> mean 0.
     assert TVLoss()(x).item() == 0.5
+
+
+def test_gram_gradient_matches_autograd():
+    f = torch.rand(2, 5, 3, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(2, 5, 5, dtype=torch.float64)
+    (gram(f) * w).sum().backward()
+    ours = f.grad.clone()
+    f.grad = None
+    x = f.permute(0, 2, 3, 1).reshape(2, 12, 5)
+    ref = torch.bmm(x.transpose(1, 2), x) / (5 * 12)
+    (ref * w).sum().backward()
+    torch.testing.assert_close(ours, f.grad)
