@@ -3,10 +3,11 @@
 The flow expands the manifest lazily and submits jobs in batches, so a
 catalog of 100,000 jobs never has more than one batch of tasks in flight and
 memory does not grow with the jobs already finished. Each task takes a free
-device slot, runs one job through the library's ``JobRunner`` (read, skip if
-complete, stylize, write image then metadata) and returns a small
-``Outcome``. Only transient storage errors are retried; a bad input fails its
-own job and the others go on.
+device slot (on a Dask task runner: the device of the worker that the
+scheduler chose, see ``flows/dask.py``), runs one job through the library's
+``JobRunner`` (read, skip if complete, stylize, write image then metadata) and
+returns a small ``Outcome``. Only transient storage errors are retried; a bad
+input fails its own job and the others go on.
 
 Progress goes to the ``stylize.progress`` logger (the CLI draws it), and the
 run ends with table, markdown and progress artifacts and a summary JSON at
@@ -19,6 +20,7 @@ import json
 import logging
 import time
 from collections import deque
+from contextlib import nullcontext
 from datetime import datetime, timezone
 from itertools import islice
 from typing import Any, Iterable, Iterator
@@ -31,11 +33,12 @@ from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.tasks import exponential_backoff
 
-from stylize.errors import StylizeError, TransientStorageError
+from stylize.errors import ConfigError, StylizeError, TransientStorageError
 from stylize.jobs import Outcome, finish, guarded, prepare
 from stylize.manifest import Job, Manifest, in_shard, load_manifest, parse_shard, storage_for
 from stylize.storage import Storage, join
 
+from .dask import cluster_gpus, dask_client, job_resources, worker_device
 from .devices import plan_devices, pool_for, runner_for
 
 progress_log = logging.getLogger("stylize.progress")
@@ -77,9 +80,10 @@ def load(manifest_uri: str) -> Manifest:
 @task(name="stylize-job", task_run_name="{job.name}", retries=3,
       retry_delay_seconds=exponential_backoff(2), retry_jitter_factor=0.5,
       retry_condition_fn=_transient_only, cache_policy=NO_CACHE, persist_result=False)
-def stylize_job(job: Job, storage: Storage, slots: list[str]) -> Outcome:
+def stylize_job(job: Job, storage: Storage, slots: list[str] | None) -> Outcome:
     """Run one job: its reads and decoding before taking a device, its writes after
-    giving it back, so I/O of other jobs overlaps the device's compute."""
+    giving it back, so I/O of other jobs overlaps the device's compute. The device is
+    a free one of ``slots``, or with ``slots=None`` (on Dask) the worker's own."""
     prepared = prepare(job, storage)
     if isinstance(prepared, Outcome):  # skipped, or unusable inputs
         return prepared
@@ -87,7 +91,7 @@ def stylize_job(job: Job, storage: Storage, slots: list[str]) -> Outcome:
     def report(record):  # per-iteration progress for the CLI
         progress_log.debug("iteration", extra={"job": job.name, "record": record})
 
-    with pool_for(slots).device() as device:
+    with pool_for(slots).device() if slots else nullcontext(worker_device()) as device:
         result = guarded(job, prepared.started, lambda: runner_for(device).compute(prepared, report, storage))
     if isinstance(result, Outcome):
         return result
@@ -150,14 +154,22 @@ def stylize_catalog(
     ``["cuda:0", "cuda:1"]`` or ``["cpu"]``) and ``workers`` choose the device
     slots (default: every GPU, else one CPU worker); ``shard="i/n"`` runs the
     i-th of n disjoint parts; ``settings`` overrides engine settings for every
-    job. Fails after every job has finished when more than ``max_failures``
-    jobs failed. Returns the run summary.
+    job. With a Dask task runner (``flows.dask.catalog_on_dask``) each job runs
+    on a worker's GPU instead, and ``devices``/``workers`` are refused. Fails
+    after every job has finished when more than ``max_failures`` jobs failed.
+    Returns the run summary.
     """
     started = time.perf_counter()
     began = datetime.now(timezone.utc)
     shard_spec = parse_shard(shard) if shard else None
-    slots = plan_devices(devices, workers)
-    batch = batch_size or max(16, 4 * len(slots))
+    dask = dask_client()
+    if dask is not None and (devices or workers):
+        raise ConfigError(
+            "devices and workers choose device slots in the flow's own process; on Dask each job runs on "
+            "its worker's GPU, so size the cluster instead"
+        )
+    slots = plan_devices(devices, workers) if dask is None else None
+    batch = batch_size or max(16, 4 * (len(slots) if slots else cluster_gpus(dask)))
     doc = load(manifest)
     storage = storage_for(doc)
     out_root = output or doc.output
@@ -167,7 +179,8 @@ def stylize_catalog(
     tally = _Tally()
 
     for group in _batches(_jobs(doc, storage, settings, output, shard_spec), batch):
-        futures = [stylize_job.submit(job, storage, slots) for job in group]
+        with job_resources() if dask is not None else nullcontext():
+            futures = [stylize_job.submit(job, storage, slots) for job in group]
         names = {f.task_run_id: job.name for f, job in zip(futures, group)}
         for future in as_completed(futures):
             outcome = future.result(raise_on_failure=False)
@@ -180,7 +193,8 @@ def stylize_catalog(
         update_progress_artifact(progress_id, progress=100.0 * tally.total / max(total, 1))
 
     update_progress_artifact(progress_id, progress=100.0)
-    summary = _summary(tally, manifest, out_root, shard, slots, max_failures, began, time.perf_counter() - started)
+    where = slots or [f"dask {dask.scheduler.address}"]
+    summary = _summary(tally, manifest, out_root, shard, where, max_failures, began, time.perf_counter() - started)
     _publish(summary, tally, storage)
     if tally.counts["failed"] > max_failures:
         raise CatalogFailed(summary)

@@ -214,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _extra_commands():
-    return [_register_catalog_commands]
+    return [_register_catalog_commands, _register_watch_command, _register_serve_command]
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -258,6 +258,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """stylize run MANIFEST: run the catalog flow in-process."""
+    from .errors import ConfigError
     from .manifest import load_manifest, parse_shard
     from .progress import RunView, quiet_prefect
 
@@ -270,10 +271,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     quiet_prefect()
     from flows.catalog import CatalogFailed, stylize_catalog
 
+    catalog, workers = stylize_catalog, args.workers
+    if args.dask:
+        from flows.dask import catalog_on_dask
+
+        if args.device:
+            raise ConfigError("--device picks this machine's devices; with --dask each job runs on a worker's GPU")
+        catalog, workers = catalog_on_dask(args.dask, n_workers=args.workers), None
     with RunView(enabled=not args.quiet) as view:
-        state = stylize_catalog(
+        state = catalog(
             manifest=args.manifest, output=args.output,
-            devices=args.device.split(",") if args.device else None, workers=args.workers,
+            devices=args.device.split(",") if args.device else None, workers=workers,
             max_failures=args.max_failures, shard=args.shard, settings=overrides or None,
             return_state=True,
         )
@@ -313,13 +321,122 @@ def _register_catalog_commands(sub) -> None:
     p.add_argument("manifest", help="path or s3:// URI of a YAML manifest")
     p.add_argument("--output", help="output root instead of the manifest's")
     p.add_argument("--device", help="comma-separated devices, e.g. cuda:0,cuda:1 or cpu (default: all GPUs, else cpu)")
-    p.add_argument("--workers", type=int, help="parallel jobs on the CPU, or at most this many GPUs")
+    p.add_argument("--workers", type=int, help="parallel jobs on the CPU, or at most this many GPUs "
+                                                "(with --dask local: the number of Dask workers)")
     p.add_argument("--shard", metavar="I/N", help="run only the I-th of N disjoint parts (0-based)")
     p.add_argument("--max-failures", type=int, default=0,
                    help="the flow run fails when more jobs than this fail (default 0)")
+    p.add_argument("--dask", metavar="ADDRESS|local",
+                   help="run the jobs on a Dask cluster, one per worker GPU resource: a scheduler address "
+                        "(tcp://host:8786) or 'local' for worker processes here (one per GPU, else --workers "
+                        "CPU workers); needs the 'dask' extra")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     add_engine_options(p)
     p.set_defaults(func=cmd_run)
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    """stylize watch --queue-url URL: start catalog runs from S3 notifications."""
+    from .events import Routes, RunLedger
+    from .progress import quiet_prefect
+
+    routes = Routes(manifest_prefix=args.manifest_prefix, images_prefix=args.images_prefix,
+                    standing_manifest=args.standing_manifest)
+    level = logging.DEBUG if args.verbose else logging.INFO
+    for name in ("stylize.watch", "stylize.events"):
+        logging.getLogger(name).setLevel(level)
+    quiet_prefect()
+    from flows.watch import DeploymentRuns, InProcessRuns, Watcher, check_standing_manifest
+
+    check_standing_manifest(routes)
+    if args.deployment:
+        runs = DeploymentRuns(args.deployment)
+        runs.check()
+    else:
+        runs = InProcessRuns(RunLedger(os.path.join(os.path.expanduser(args.state_dir), "started-runs.sqlite3")))
+    watcher = Watcher(args.queue_url, routes, runs, debounce=args.debounce, max_wait=args.max_wait,
+                      wait_seconds=args.wait_seconds, retry_after=args.retry_after)
+    watcher.run()
+    return EXIT_OK
+
+
+def _register_watch_command(sub) -> None:
+    p = sub.add_parser("watch", help="start runs when manifests or images land in S3",
+                       description="Consume S3 ObjectCreated notifications from an SQS queue (direct, via SNS, "
+                                   "or EventBridge). A new manifest under --manifest-prefix starts a run of it; "
+                                   "new images under --images-prefix, batched until uploads pause for "
+                                   "--debounce seconds, start one run of --standing-manifest. Redelivered "
+                                   "notifications start nothing twice. Runs until interrupted.")
+    p.add_argument("--queue-url", required=True, help="SQS queue URL that receives the bucket's notifications")
+    p.add_argument("--manifest-prefix", metavar="S3_PREFIX", help="new *.yaml/*.yml here start runs of themselves")
+    p.add_argument("--images-prefix", metavar="S3_PREFIX", help="new images here start runs of --standing-manifest")
+    p.add_argument("--standing-manifest", metavar="URI",
+                   help="manifest whose grid covers --images-prefix; finished jobs are skipped on each run")
+    p.add_argument("--debounce", type=float, default=60.0, metavar="SECONDS",
+                   help="start the image run once uploads pause this long (default 60)")
+    p.add_argument("--max-wait", type=float, metavar="SECONDS",
+                   help="start it at the latest this long after the first image (default 10 x --debounce)")
+    p.add_argument("--deployment", metavar="FLOW/DEPLOYMENT",
+                   help="start runs of this Prefect deployment (e.g. stylize-catalog/catalog) and do not wait; "
+                        "default: run the flow in this process, one run at a time")
+    p.add_argument("--state-dir", default="~/.stylize/watch",
+                   help="where in-process mode records the runs it started (default ~/.stylize/watch)")
+    p.add_argument("--wait-seconds", type=int, default=20, metavar="S", help="SQS long-poll time, 0-20 (default 20)")
+    p.add_argument("--retry-after", type=int, default=30, metavar="S",
+                   help="a message whose run could not start is delivered again after this long (default 30)")
+    p.set_defaults(func=cmd_watch)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """stylize serve MANIFEST: serve the catalog flow as a scheduled Prefect deployment, here."""
+    from .manifest import load_manifest, parse_shard
+
+    def absolute(uri: str) -> str:  # flow runs start in their own process, maybe elsewhere
+        return uri if "://" in uri else os.path.abspath(uri)
+
+    manifest = absolute(args.manifest)
+    load_manifest(manifest)  # exit 2 on an invalid manifest before anything is registered
+    if args.shard:
+        parse_shard(args.shard)
+    overrides = engine_overrides(args)
+    if overrides:
+        settings_from(overrides)
+    from flows.deploy import nightly_schedule, require_server, serve_catalog
+
+    schedule = nightly_schedule(args.cron, args.timezone)
+    url = require_server()
+    given = {
+        "output": absolute(args.output) if args.output else None,
+        "devices": args.device.split(",") if args.device else None,
+        "workers": args.workers, "shard": args.shard, "max_failures": args.max_failures,
+        "settings": overrides or None,
+    }
+    print(f"serving stylize-catalog/{args.name} for {manifest} on {url}: cron '{args.cron}' ({args.timezone}), "
+          "one run at a time; Ctrl+C stops serving and pauses the schedule", flush=True)
+    serve_catalog(manifest, name=args.name, schedule=schedule,
+                  parameters={k: v for k, v in given.items() if v is not None})
+    return EXIT_OK
+
+
+def _register_serve_command(sub) -> None:
+    p = sub.add_parser("serve", help="serve the catalog flow on a schedule (Prefect deployment, here)",
+                       description="Register the deployment stylize-catalog/NAME for MANIFEST on the Prefect "
+                                   "server at PREFECT_API_URL, with a cron schedule and at most one run at a "
+                                   "time (a run that comes due while one is going waits for it), then run its "
+                                   "flow runs on this machine until interrupted. Needs a running server: "
+                                   "`prefect server start`.")
+    p.add_argument("manifest", help="path or s3:// URI of a YAML manifest")
+    p.add_argument("--cron", default="0 2 * * *", help="when to run, five cron fields (default '0 2 * * *': 02:00)")
+    p.add_argument("--timezone", default="UTC", help="IANA time zone of the cron schedule (default UTC)")
+    p.add_argument("--name", default="nightly", help="deployment name (default nightly)")
+    p.add_argument("--output", help="output root instead of the manifest's")
+    p.add_argument("--device", help="comma-separated devices, e.g. cuda:0,cuda:1 or cpu (default: all GPUs, else cpu)")
+    p.add_argument("--workers", type=int, help="parallel jobs on the CPU, or at most this many GPUs")
+    p.add_argument("--shard", metavar="I/N", help="run only the I-th of N disjoint parts (0-based)")
+    p.add_argument("--max-failures", type=int, default=0,
+                   help="a run fails when more jobs than this fail (default 0)")
+    add_engine_options(p)
+    p.set_defaults(func=cmd_serve)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,61 @@
+"""prefect.yaml and the Kubernetes job template: each deployment names a real flow, valid parameters and schedules.
+
+Registering them on a server is tested in tests/flows/test_serve.py.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from prefect import Flow
+from prefect.client.schemas.schedules import CronSchedule
+
+ROOT = Path(__file__).parent.parent
+DOC = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+DEPLOYMENTS = {d["name"]: d for d in DOC["deployments"]}
+TEMPLATE = json.loads((ROOT / "deploy" / "kubernetes-gpu-job-template.json").read_text())
+
+
+def flow_of(entrypoint: str) -> Flow:
+    """The object at ``path/to/file.py:name``, imported as the module that file is in this project."""
+    path, name = entrypoint.split(":")
+    assert (ROOT / path).is_file(), f"{entrypoint}: no file {path}"
+    module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
+    return getattr(module, name)
+
+
+@pytest.mark.parametrize("name", DEPLOYMENTS)
+def test_entrypoint_is_a_flow_and_parameters_fit_it(name):
+    deployment = DEPLOYMENTS[name]
+    flow = flow_of(deployment["entrypoint"])
+    assert isinstance(flow, Flow), f"{deployment['entrypoint']} is a {type(flow).__name__}, not a Prefect flow"
+    flow.validate_parameters(deployment["parameters"])  # raises on a missing or mistyped parameter
+
+
+@pytest.mark.parametrize("name", [n for n, d in DEPLOYMENTS.items() if d.get("schedules")])
+def test_schedules_are_valid_nightly_crons(name):
+    for schedule in DEPLOYMENTS[name]["schedules"]:
+        checked = CronSchedule(cron=schedule["cron"], timezone=schedule["timezone"])  # the server's own checks
+        assert (checked.cron, checked.timezone) == ("0 2 * * *", "UTC")
+
+
+def test_sharded_parent_starts_a_deployment_of_this_file():
+    parent = DEPLOYMENTS["nightly-k8s"]
+    flow_name, _, deployment = parent["parameters"]["deployment"].partition("/")
+    assert flow_of(DEPLOYMENTS[deployment]["entrypoint"]).name == flow_name
+    assert DEPLOYMENTS[deployment]["work_pool"]["name"] == parent["work_pool"]["name"] == "stylize-k8s"
+
+
+def test_kubernetes_job_variables_are_variables_of_the_pool_template():
+    declared = set(TEMPLATE["variables"]["properties"])
+    for name, deployment in DEPLOYMENTS.items():
+        if deployment["work_pool"]["name"] == "stylize-k8s":
+            unknown = set(deployment["work_pool"]["job_variables"]) - declared
+            assert not unknown, f"{name}: job_variables {sorted(unknown)} are not in the pool's template"
+    [container] = TEMPLATE["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "{{ gpu_limit }}"
+    assert TEMPLATE["variables"]["properties"]["gpu_limit"]["default"] == 1
