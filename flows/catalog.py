@@ -30,11 +30,10 @@ from prefect.artifacts import create_markdown_artifact, create_progress_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.context import get_run_context
 from prefect.futures import as_completed
-from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.tasks import exponential_backoff
 
 from stylize.errors import ConfigError, StylizeError, TransientStorageError
-from stylize.jobs import Outcome, finish, guarded, prepare
+from stylize.jobs import Outcome, batch_key, finish, guarded, prepare
 from stylize.manifest import Job, Manifest, in_shard, load_manifest, parse_shard, storage_for
 from stylize.storage import Storage, join
 
@@ -98,6 +97,66 @@ def stylize_job(job: Job, storage: Storage, slots: list[str] | None) -> Outcome:
     return guarded(job, prepared.started, lambda: finish(prepared, result, storage))
 
 
+@task(name="stylize-batch", task_run_name="{jobs[0].name} +{n_more}", retries=3,
+      retry_delay_seconds=exponential_backoff(2), retry_jitter_factor=0.5,
+      retry_condition_fn=_transient_only, cache_policy=NO_CACHE, persist_result=False)
+def stylize_batch(jobs: list[Job], storage: Storage, slots: list[str] | None, n_more: int = 0) -> list[Outcome]:
+    """Run jobs that share styles and settings as optimization batches on one device.
+
+    Jobs whose images also share a size go through VGG19 together, each with
+    its own L-BFGS history (``Engine.run_batch``), so the pictures are the
+    ones each job gives alone. If a batch fails as a whole (one image's loss
+    diverging, say), its jobs run one by one so that only the bad one fails.
+    """
+    outcomes: list[Outcome] = []
+    groups: dict[tuple, list] = {}
+    for job in jobs:
+        prepared = prepare(job, storage)
+        if isinstance(prepared, Outcome):
+            outcomes.append(prepared)
+        else:
+            groups.setdefault(batch_key(prepared), []).append(prepared)
+
+    def report(prepared, record):  # per-iteration progress for the CLI
+        progress_log.debug("iteration", extra={"job": prepared.job.name, "record": record})
+
+    for group in groups.values():
+        with pool_for(slots).device() if slots else nullcontext(worker_device()) as device:
+            runner = runner_for(device)
+            try:
+                results = runner.compute_batch(group, report, storage)
+            except TransientStorageError:
+                raise
+            except StylizeError:
+                results = [guarded(p.job, p.started, lambda p=p: runner.compute_batch([p], report, storage)[0])
+                           for p in group]
+        for prepared, result in zip(group, results):
+            outcomes.append(result if isinstance(result, Outcome)
+                            else guarded(prepared.job, prepared.started, lambda: finish(prepared, result, storage)))
+    return outcomes
+
+
+def _groups(jobs: list[Job], per_batch: int) -> list[list[Job]]:
+    """Split a window of jobs into groups of up to ``per_batch`` sharing styles and settings."""
+    by_key: dict[tuple, list[Job]] = {}
+    for job in jobs:
+        by_key.setdefault((job.styles, job.settings), []).append(job)
+    return [same[i:i + per_batch] for same in by_key.values() for i in range(0, len(same), per_batch)]
+
+
+def _images_per_batch(requested: int | None, slots: list[str] | None, jobs: list[Job]) -> int:
+    """The requested batch size, else what the first device's free memory allows for these jobs."""
+    if requested:
+        return requested
+    if not slots or not jobs:
+        return 1
+    from stylize.optimize import max_batch, resolve_device, resolve_precision
+
+    device = resolve_device(slots[0])
+    s = jobs[0].settings
+    return max_batch(device, s.size * s.size, resolve_precision(s.precision, device))
+
+
 def _jobs(doc: Manifest, storage: Storage, settings, output, shard) -> Iterator[Job]:
     return (j for j in doc.jobs(storage, overrides=settings, output=output) if in_shard(j, shard))
 
@@ -147,6 +206,7 @@ def stylize_catalog(
     shard: str | None = None,
     batch_size: int | None = None,
     settings: dict[str, Any] | None = None,
+    images_per_batch: int | None = None,
 ) -> dict[str, Any]:
     """Stylize every job of ``manifest`` (a local path or s3:// URI).
 
@@ -154,7 +214,9 @@ def stylize_catalog(
     ``["cuda:0", "cuda:1"]`` or ``["cpu"]``) and ``workers`` choose the device
     slots (default: every GPU, else one CPU worker); ``shard="i/n"`` runs the
     i-th of n disjoint parts; ``settings`` overrides engine settings for every
-    job. With a Dask task runner (``flows.dask.catalog_on_dask``) each job runs
+    job. ``images_per_batch`` optimizes up to that many same-size jobs sharing
+    styles and settings together on one device (default: 1 on the CPU, from
+    free memory on CUDA). With a Dask task runner (``flows.dask.catalog_on_dask``) each job runs
     on a worker's GPU instead, and ``devices``/``workers`` are refused. Fails
     after every job has finished when more than ``max_failures`` jobs failed.
     Returns the run summary.
@@ -179,17 +241,23 @@ def stylize_catalog(
     tally = _Tally()
 
     for group in _batches(_jobs(doc, storage, settings, output, shard_spec), batch):
+        batches = _groups(group, _images_per_batch(images_per_batch, slots, group))
         with job_resources() if dask is not None else nullcontext():
-            futures = [stylize_job.submit(job, storage, slots) for job in group]
-        names = {f.task_run_id: job.name for f, job in zip(futures, group)}
+            futures = [stylize_job.submit(jobs[0], storage, slots) if len(jobs) == 1
+                       else stylize_batch.submit(jobs, storage, slots, n_more=len(jobs) - 1)
+                       for jobs in batches]
+        names = {f.task_run_id: [j.name for j in jobs] for f, jobs in zip(futures, batches)}
         for future in as_completed(futures):
-            outcome = future.result(raise_on_failure=False)
-            if not isinstance(outcome, Outcome):  # the task raised: retries exhausted
-                message = str(outcome) if isinstance(outcome, BaseException) else "task failed"
-                outcome = Outcome(names[future.task_run_id], "failed", error=message)
-            tally.add(outcome)
-            progress_log.info("job", extra={"outcome": outcome, "finished": tally.total})
-        del futures, names
+            result = future.result(raise_on_failure=False)
+            if isinstance(result, Outcome):
+                result = [result]
+            elif not isinstance(result, list):  # the task raised: retries exhausted
+                message = str(result) if isinstance(result, BaseException) else "task failed"
+                result = [Outcome(name, "failed", error=message) for name in names[future.task_run_id]]
+            for outcome in result:
+                tally.add(outcome)
+                progress_log.info("job", extra={"outcome": outcome, "finished": tally.total})
+        del futures, names, batches
         update_progress_artifact(progress_id, progress=100.0 * tally.total / max(total, 1))
 
     update_progress_artifact(progress_id, progress=100.0)

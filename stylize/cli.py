@@ -283,7 +283,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             manifest=args.manifest, output=args.output,
             devices=args.device.split(",") if args.device else None, workers=workers,
             max_failures=args.max_failures, shard=args.shard, settings=overrides or None,
-            return_state=True,
+            images_per_batch=args.images_per_batch, return_state=True,
         )
     result = state.result(raise_on_failure=False)
     if isinstance(result, CatalogFailed):
@@ -326,6 +326,9 @@ def _register_catalog_commands(sub) -> None:
     p.add_argument("--shard", metavar="I/N", help="run only the I-th of N disjoint parts (0-based)")
     p.add_argument("--max-failures", type=int, default=0,
                    help="the flow run fails when more jobs than this fail (default 0)")
+    p.add_argument("--images-per-batch", type=int, metavar="N",
+                   help="optimize up to N same-size images with the same styles together on one device "
+                        "(default: 1 on the CPU, from free memory on CUDA)")
     p.add_argument("--dask", metavar="ADDRESS|local",
                    help="run the jobs on a Dask cluster, one per worker GPU resource: a scheduler address "
                         "(tcp://host:8786) or 'local' for worker processes here (one per GPU, else --workers "

@@ -124,6 +124,27 @@ def resolve_precision(spec: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+#: Device memory per output pixel of one image in a batch: VGG19 activations to
+#: relu5_1 kept for the backward pass (about 580 values per pixel over the
+#: five blocks), their gradients, and the L-BFGS history (2 x 50 x 3 floats),
+#: rounded up. An estimate for sizing batches, not a guarantee.
+BYTES_PER_PIXEL = {torch.bfloat16: 3500, torch.float32: 6000}
+
+
+def max_batch(device: torch.device, pixels: int, dtype: torch.dtype, *, cap: int = 32) -> int:
+    """How many images of ``pixels`` output pixels fit one batch on ``device``.
+
+    CUDA: from the free memory (70% of it, leaving room for the allocator and
+    cuDNN workspaces). Elsewhere 1: on the CPU a batch only queues work on
+    the same cores.
+    """
+    if device.type != "cuda":
+        return 1
+    free, _total = torch.cuda.mem_get_info(device)
+    per_image = BYTES_PER_PIXEL.get(dtype, BYTES_PER_PIXEL[torch.float32]) * pixels
+    return max(1, min(cap, int(0.7 * free // per_image)))
+
+
 def level_sizes(width: int, height: int, settings: Settings) -> list[tuple[int, int]]:
     """(w, h) for each coarse-to-fine level; each level is half the next, the last is ``size``."""
     sizes = []

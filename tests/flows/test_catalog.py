@@ -231,3 +231,21 @@ def test_transient_s3_failures_are_retried(s3, bucket, s3_server, monkeypatch):
     assert summary["counts"] == {"done": 2, "skipped": 0, "failed": 0, "total": 2}
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="out/")["Contents"]}
     assert {"out/cat__starry.png", "out/astronaut__starry.png"} <= keys
+
+
+def test_batched_jobs_match_unbatched(catalog, tmp_path):
+    """images_per_batch changes how jobs share the device, not the pictures."""
+    from PIL import Image
+
+    from stylize import images
+
+    # A second photo of the cat's size, so that two jobs per style share one VGG19 batch.
+    Image.open(DATA / "chelsea.png").transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(catalog.parent / "photos" / "cat2.png")
+    alone = stylize_catalog(manifest=str(catalog), output=str(tmp_path / "alone"))
+    together = stylize_catalog(manifest=str(catalog), output=str(tmp_path / "together"), images_per_batch=3)
+    assert alone["counts"]["done"] == together["counts"]["done"] == 6
+    for png in sorted((tmp_path / "alone").glob("*.png")):
+        a = images.to_tensor(images.decode(png.read_bytes(), name=str(png)))
+        b_path = tmp_path / "together" / png.name
+        b = images.to_tensor(images.decode(b_path.read_bytes(), name=str(b_path)))
+        assert (a - b).abs().mean() < 1 / 255, png.name
