@@ -387,6 +387,29 @@ class Engine:
         """Gram targets for these style images, reusable across content images."""
         return StyleTargets(self, styles, settings)
 
+    @torch.no_grad()
+    def judge(self, image: Image.Image, content: Image.Image, styles: Sequence[Image.Image],
+              settings: Settings, *, size: int = 512) -> dict[str, float]:
+        """Weighted content and style loss of a finished ``image``, measured the same way for every run.
+
+        The image, the photo and the styles are resized so the longest side is
+        ``size`` and evaluated in float32, whatever schedule, precision or
+        size produced the image, so that runs with different schedules can be
+        compared (lower is better). TV is left out: it judges smoothness, not
+        likeness.
+        """
+        s = settings.model_copy(update={"precision": "float32", "size": size, "preserve_color": False})
+        w, h = images.fit_size(*content.size, size)
+        x = images.to_tensor(images.resize(image, (w, h)), self.device)
+        c = images.to_tensor(images.resize(content, (w, h)), self.device)
+        model = self.features(s)
+        content_feats = run_features(model, c, s.content_layers, torch.float32, self.channels_last)
+        grams = self.style_targets(styles, s).grams(max(w, h))
+        _total, content_loss, style_loss, _tv = Objective(model, s, content_feats, grams, torch.float32,
+                                                          self.channels_last)(x)
+        return {"content": content_loss.item(), "style": style_loss.item(),
+                "total": content_loss.item() + style_loss.item()}
+
     def run(
         self,
         content: Image.Image,

@@ -189,3 +189,14 @@ def test_batch_equals_each_image_alone(engine, cat, starry, extra):
         assert [r.total for r in got.records] == pytest.approx([r.total for r in alone.records], rel=1e-2)
         diff = (images.to_tensor(got.image) - images.to_tensor(alone.image)).abs()
         assert diff.mean() < 1 / 255
+
+
+def test_judge_prefers_the_optimized_image(engine, cat, starry):
+    s = small(iterations=8)
+    result = engine.run(cat, [starry], s)
+    before = engine.judge(cat, cat, [starry], s, size=64)
+    after = engine.judge(result.image, cat, [starry], s, size=64)
+    assert before["content"] == 0.0  # the photo is its own content
+    assert after["total"] < before["total"]
+    # The same image judged twice gives the same figure, whatever produced it.
+    assert engine.judge(result.image, cat, [starry], small(precision="bfloat16"), size=64) == after
