@@ -272,7 +272,12 @@ class VGG19Features(nn.Module):
         x = self.preprocess(rgb.float()).to(self.layers[0].weight.dtype)
         out: dict[str, Tensor] = {}
         for i in range(deepest + 1):
-            x = self.layers[i](x)
+            if isinstance(self.layers[i], nn.ReLU) and self.names[i - 1] not in wanted:
+                # In place when nobody asked for the conv output: one image-sized
+                # allocation less per layer (conv backward needs no outputs).
+                x = torch.relu_(x)
+            else:
+                x = self.layers[i](x)
             if self.names[i] in wanted:
                 out[self.names[i]] = x
         return out

@@ -64,8 +64,8 @@ def test_stops_after_deepest_requested_layer(caffe):
         for h in hooks:
             h.remove()
     assert list(out) == ["relu2_1"]
-    assert calls[-1] == "relu2_1"
-    assert "conv2_2" not in calls
+    assert calls[-1] in ("conv2_1", "relu2_1")  # ReLUs may run in place, outside their module
+    assert "conv2_2" not in calls and "pool2" not in calls
 
 
 def test_truncate_after_drops_tail():
@@ -126,3 +126,9 @@ def test_bad_weights_file(tmp_path):
         VGG19Features(resolve_weights(str(bad)))
     with pytest.raises(WeightsError, match="neither"):
         resolve_weights(str(tmp_path / "missing.pth"))
+
+
+def test_requested_conv_output_survives_its_relu(caffe):
+    out = caffe(torch.rand(1, 3, 16, 16), ["conv1_1", "relu1_1"])
+    assert (out["conv1_1"] < 0).any()
+    torch.testing.assert_close(out["relu1_1"], out["conv1_1"].clamp_min(0))
