@@ -6,8 +6,11 @@ memory does not grow with the jobs already finished. Each task takes a free
 device slot (on a Dask task runner: the device of the worker that the
 scheduler chose, see ``flows/dask.py``), runs one job through the library's
 ``JobRunner`` (read, skip if complete, stylize, write image then metadata) and
-returns a small ``Outcome``. Only transient storage errors are retried; a bad
-input fails its own job and the others go on.
+returns a small ``Outcome``. Only transient storage errors are retried
+(``retry_delay`` sets the backoff); a bad input fails its own job and the
+others go on. When the run is interrupted (Ctrl+C, or SIGTERM, which Prefect
+raises in the flow as ``TerminationSignal``) the running jobs stop at their
+next iteration, so the process exits promptly with nothing half-written.
 
 Progress goes to the ``stylize.progress`` logger (the CLI draws it), and the
 run ends with table, markdown and progress artifacts and a summary JSON at
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections import deque
 from contextlib import nullcontext
@@ -32,7 +36,7 @@ from prefect.context import get_run_context
 from prefect.futures import as_completed
 from prefect.tasks import exponential_backoff
 
-from stylize.errors import ConfigError, StylizeError, TransientStorageError
+from stylize.errors import Cancelled, ConfigError, StylizeError, TransientStorageError
 from stylize.jobs import Outcome, batch_key, finish, guarded, prepare
 from stylize.manifest import Job, Manifest, in_shard, load_manifest, parse_shard, storage_for
 from stylize.storage import Storage, join
@@ -79,10 +83,12 @@ def load(manifest_uri: str) -> Manifest:
 @task(name="stylize-job", task_run_name="{job.name}", retries=3,
       retry_delay_seconds=exponential_backoff(2), retry_jitter_factor=0.5,
       retry_condition_fn=_transient_only, cache_policy=NO_CACHE, persist_result=False)
-def stylize_job(job: Job, storage: Storage, slots: list[str] | None) -> Outcome:
+def stylize_job(job: Job, storage: Storage, slots: list[str] | None,
+                cancel: threading.Event | None = None) -> Outcome:
     """Run one job: its reads and decoding before taking a device, its writes after
     giving it back, so I/O of other jobs overlaps the device's compute. The device is
-    a free one of ``slots``, or with ``slots=None`` (on Dask) the worker's own."""
+    a free one of ``slots``, or with ``slots=None`` (on Dask) the worker's own.
+    Setting ``cancel`` stops the optimization (``Cancelled``)."""
     prepared = prepare(job, storage)
     if isinstance(prepared, Outcome):  # skipped, or unusable inputs
         return prepared
@@ -91,7 +97,8 @@ def stylize_job(job: Job, storage: Storage, slots: list[str] | None) -> Outcome:
         progress_log.debug("iteration", extra={"job": job.name, "record": record})
 
     with pool_for(slots).device() if slots else nullcontext(worker_device()) as device:
-        result = guarded(job, prepared.started, lambda: runner_for(device).compute(prepared, report, storage))
+        result = guarded(job, prepared.started,
+                         lambda: runner_for(device).compute(prepared, report, storage, cancel=cancel))
     if isinstance(result, Outcome):
         return result
     return guarded(job, prepared.started, lambda: finish(prepared, result, storage))
@@ -100,7 +107,8 @@ def stylize_job(job: Job, storage: Storage, slots: list[str] | None) -> Outcome:
 @task(name="stylize-batch", task_run_name="{jobs[0].name} +{n_more}", retries=3,
       retry_delay_seconds=exponential_backoff(2), retry_jitter_factor=0.5,
       retry_condition_fn=_transient_only, cache_policy=NO_CACHE, persist_result=False)
-def stylize_batch(jobs: list[Job], storage: Storage, slots: list[str] | None, n_more: int = 0) -> list[Outcome]:
+def stylize_batch(jobs: list[Job], storage: Storage, slots: list[str] | None, n_more: int = 0,
+                  cancel: threading.Event | None = None) -> list[Outcome]:
     """Run jobs that share styles and settings as optimization batches on one device.
 
     Jobs whose images also share a size go through VGG19 together, each with
@@ -124,11 +132,12 @@ def stylize_batch(jobs: list[Job], storage: Storage, slots: list[str] | None, n_
         with pool_for(slots).device() if slots else nullcontext(worker_device()) as device:
             runner = runner_for(device)
             try:
-                results = runner.compute_batch(group, report, storage)
-            except TransientStorageError:
+                results = runner.compute_batch(group, report, storage, cancel=cancel)
+            except (TransientStorageError, Cancelled):
                 raise
             except StylizeError:
-                results = [guarded(p.job, p.started, lambda p=p: runner.compute_batch([p], report, storage)[0])
+                results = [guarded(p.job, p.started,
+                                   lambda p=p: runner.compute_batch([p], report, storage, cancel=cancel)[0])
                            for p in group]
         for prepared, result in zip(group, results):
             outcomes.append(result if isinstance(result, Outcome)
@@ -153,7 +162,9 @@ def _images_per_batch(requested: int | None, slots: list[str] | None, jobs: list
     from stylize.optimize import max_batch, resolve_device, resolve_precision
 
     device = resolve_device(slots[0])
-    s = jobs[0].settings
+    s = next((j.settings for j in jobs if j.settings is not None), None)  # refused jobs have none
+    if s is None:
+        return 1
     return max_batch(device, s.size * s.size, resolve_precision(s.precision, device))
 
 
@@ -207,6 +218,7 @@ def stylize_catalog(
     batch_size: int | None = None,
     settings: dict[str, Any] | None = None,
     images_per_batch: int | None = None,
+    retry_delay: float = 2.0,
 ) -> dict[str, Any]:
     """Stylize every job of ``manifest`` (a local path or s3:// URI).
 
@@ -216,7 +228,9 @@ def stylize_catalog(
     i-th of n disjoint parts; ``settings`` overrides engine settings for every
     job. ``images_per_batch`` optimizes up to that many same-size jobs sharing
     styles and settings together on one device (default: 1 on the CPU, from
-    free memory on CUDA). With a Dask task runner (``flows.dask.catalog_on_dask``) each job runs
+    free memory on CUDA). A job that fails on a transient storage error is
+    retried 3 times, after about ``retry_delay`` x 1, 2 and 4 seconds (jittered).
+    With a Dask task runner (``flows.dask.catalog_on_dask``) each job runs
     on a worker's GPU instead, and ``devices``/``workers`` are refused. Fails
     after every job has finished when more than ``max_failures`` jobs failed.
     Returns the run summary.
@@ -239,26 +253,37 @@ def stylize_catalog(
     progress_log.info("start", extra={"total": total})
     progress_id = create_progress_artifact(progress=0.0, description="Jobs finished in this run")
     tally = _Tally()
+    backoff = exponential_backoff(retry_delay)
+    one, several = (t.with_options(retry_delay_seconds=backoff) for t in (stylize_job, stylize_batch))
+    # Threads of this process see the event; on Dask the cluster cancels its own tasks.
+    stop = threading.Event() if dask is None else None
 
-    for group in _batches(_jobs(doc, storage, settings, output, shard_spec), batch):
-        batches = _groups(group, _images_per_batch(images_per_batch, slots, group))
-        with job_resources() if dask is not None else nullcontext():
-            futures = [stylize_job.submit(jobs[0], storage, slots) if len(jobs) == 1
-                       else stylize_batch.submit(jobs, storage, slots, n_more=len(jobs) - 1)
-                       for jobs in batches]
-        names = {f.task_run_id: [j.name for j in jobs] for f, jobs in zip(futures, batches)}
-        for future in as_completed(futures):
-            result = future.result(raise_on_failure=False)
-            if isinstance(result, Outcome):
-                result = [result]
-            elif not isinstance(result, list):  # the task raised: retries exhausted
-                message = str(result) if isinstance(result, BaseException) else "task failed"
-                result = [Outcome(name, "failed", error=message) for name in names[future.task_run_id]]
-            for outcome in result:
-                tally.add(outcome)
-                progress_log.info("job", extra={"outcome": outcome, "finished": tally.total})
-        del futures, names, batches
-        update_progress_artifact(progress_id, progress=100.0 * tally.total / max(total, 1))
+    try:
+        for group in _batches(_jobs(doc, storage, settings, output, shard_spec), batch):
+            batches = _groups(group, _images_per_batch(images_per_batch, slots, group))
+            with job_resources() if dask is not None else nullcontext():
+                futures = [one.submit(jobs[0], storage, slots, cancel=stop) if len(jobs) == 1
+                           else several.submit(jobs, storage, slots, n_more=len(jobs) - 1, cancel=stop)
+                           for jobs in batches]
+            names = {f.task_run_id: [j.name for j in jobs] for f, jobs in zip(futures, batches)}
+            for future in as_completed(futures):
+                result = future.result(raise_on_failure=False)
+                if isinstance(result, Outcome):
+                    result = [result]
+                elif not isinstance(result, list):  # the task raised: retries exhausted
+                    message = str(result) if isinstance(result, BaseException) else "task failed"
+                    result = [Outcome(name, "failed", error=message) for name in names[future.task_run_id]]
+                for outcome in result:
+                    tally.add(outcome)
+                    progress_log.info("job", extra={"outcome": outcome, "finished": tally.total})
+            del futures, names, batches
+            update_progress_artifact(progress_id, progress=100.0 * tally.total / max(total, 1))
+    except BaseException:
+        # Interrupted or failing: stop the running jobs at their next iteration, or the
+        # task runner's shutdown would wait for each of them to finish.
+        if stop is not None:
+            stop.set()
+        raise
 
     update_progress_artifact(progress_id, progress=100.0)
     where = slots or [f"dask {dask.scheduler.address}"]

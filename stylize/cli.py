@@ -2,21 +2,55 @@
 
 Each command parses its arguments, calls the library (or runs a flow), and
 turns a ``StylizeError`` into one line on stderr and an exit code:
-0 success, 1 a job failed, 2 bad usage, settings or manifest.
+0 success, 1 a job failed, 2 bad usage, settings or manifest, 130 Ctrl+C,
+143 SIGTERM (``stylize run`` stops its running jobs first).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Sequence
 
 from .errors import StylizeError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_INTERRUPTED, EXIT_TERMINATED = 128 + signal.SIGINT, 128 + signal.SIGTERM
+
+# Their DEBUG records print request headers, session tokens included: -v must not.
+_CREDENTIAL_LOGGERS = ("boto3", "botocore", "s3transfer")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so that a run unwinds as it does on Ctrl+C."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def sigterm_interrupts():
+    """Within: SIGTERM raises ``Terminated`` in the main thread instead of killing the process.
+
+    Python's default would end the process at once, and during a flow Prefect's
+    own handler makes the run wait for its running jobs; this way the catalog
+    flow stops them (see flows/catalog.py) and the exit code is 143.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers belong to the main thread
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 # Command-line flag -> Settings field, for the engine options every command shares.
 ENGINE_FLAGS = {
@@ -258,6 +292,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """stylize run MANIFEST: run the catalog flow in-process."""
+    with sigterm_interrupts():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     from .errors import ConfigError
     from .manifest import load_manifest, parse_shard
     from .progress import RunView, quiet_prefect
@@ -450,6 +489,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    for name in _CREDENTIAL_LOGGERS:
+        logging.getLogger(name).setLevel(max(logging.INFO, logging.getLogger().level))
     try:
         return args.func(args)
     except ManifestError as exc:
@@ -460,9 +501,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StylizeError as exc:
         print(f"stylize: error: {exc}", file=sys.stderr)
         return EXIT_USAGE if type(exc).__name__ in ("ConfigError", "WeightsError") else EXIT_FAILED
+    except Terminated:
+        print("stylize: stopped by SIGTERM", file=sys.stderr)
+        return EXIT_TERMINATED
     except KeyboardInterrupt:
         print("stylize: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -31,6 +31,10 @@ class ResourceError(StylizeError):
     """The job does not fit the device (memory or pixel budget)."""
 
 
+class Cancelled(StylizeError):
+    """The run was interrupted (Ctrl+C, SIGTERM) and the job stopped before writing anything."""
+
+
 class StorageError(StylizeError):
     """Reading or writing a URI failed."""
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import os
+import pickle
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -167,9 +168,21 @@ def resolve_weights(spec: str, *, allow_download: bool | None = None) -> WeightS
 def _load_state(name: str, source: str) -> dict[str, Tensor]:
     """Load and (for Caffe) dequantize once per process; returns CPU float32 tensors."""
     try:
+        # weights_only: the unpickler builds tensors and plain containers only, so a
+        # file crafted to run code when unpickled is refused instead.
         raw = torch.load(source, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # torch's message is a page long and suggests weights_only=False, which would run the file.
+        detail = next((line.strip() for line in str(exc).splitlines() if "Unsupported" in line), "")
+        detail = detail.removeprefix("WeightsUnpickler error:").strip().split(". ")[0]
+        raise WeightsError(
+            f"refusing to load {source}: not a plain state dict of tensors"
+            f"{f' ({detail})' if detail else ''}; stylize never runs code from a weights file, so save "
+            "one with torch.save(model.state_dict(), path)"
+        ) from None
     except Exception as exc:
-        raise WeightsError(f"cannot load VGG19 weights from {source}: {exc}") from exc
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise WeightsError(f"cannot load VGG19 weights from {source}: {first}") from exc
     if not isinstance(raw, dict):
         raise WeightsError(f"{source}: expected a dict of tensors, found {type(raw).__name__}")
     if name == "caffe":

@@ -4,12 +4,13 @@ Inputs of every common kind become 8-bit RGB: EXIF orientation is applied;
 greyscale, palette, CMYK and 16-bit images are converted; transparent images
 are composited over white (the colour a transparent area shows on a page),
 so transparent regions do not turn black. Animated images use their first
-frame. A pixel limit guards against decompression bombs.
+frame (a warning says so). A pixel limit guards against decompression bombs.
 """
 
 from __future__ import annotations
 
 import io
+import logging
 import warnings
 from typing import Literal
 
@@ -19,6 +20,8 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
 from .errors import ConfigError, InputError
+
+log = logging.getLogger(__name__)
 
 # Pillow's own bomb check only warns below 2x its limit; we decide ourselves.
 Image.MAX_IMAGE_PIXELS = None
@@ -55,6 +58,9 @@ def decode(data: bytes, *, name: str, max_pixels: int = DEFAULT_MAX_INPUT_PIXELS
             f"{max_pixels} (possible decompression bomb); shrink it or raise the limit"
         )
     try:
+        frames = getattr(image, "n_frames", 1)
+        if frames > 1:
+            log.warning("%s: animated image with %d frames; using the first", name, frames)
         image.seek(0)  # first frame of animated GIF/WebP/APNG
         image.load()
     except Exception as exc:

@@ -5,10 +5,15 @@
 styles it has seen, so a catalog of many photos over a few styles computes
 each style's targets once per size and device.
 
-Errors: a ``TransientStorageError`` is raised so the caller can retry; every
-other ``StylizeError`` (bad input, bad setting, diverged loss, storage that
-says no) is a verdict on this job, which ``run`` returns as a failed
-``Outcome`` naming the job and the problem.
+Errors: a ``TransientStorageError`` is raised so the caller can retry, and
+``Cancelled`` so an interrupted run can stop; every other ``StylizeError``
+(bad input, bad setting, diverged loss, storage that says no, a job that does
+not fit the device even at a smaller size) is a verdict on this job, which
+``run`` returns as a failed ``Outcome`` naming the job and the problem.
+
+Crash safety: the image is written before the metadata, each atomically, and
+a stale metadata file is removed before the new image is written, so whenever
+a process dies, a metadata file describes the image beside it or is absent.
 """
 
 from __future__ import annotations
@@ -26,14 +31,19 @@ import torch
 from PIL import Image
 
 from . import __version__, images, metadata
-from .errors import ConfigError, InputError, StorageError, StylizeError, TransientStorageError
+from .errors import (Cancelled, ConfigError, InputError, ResourceError, StorageError, StylizeError,
+                     TransientStorageError)
 from .manifest import Job
 from .optimize import Engine, Record, RecordCallback, StyleTargets, level_sizes
-from .storage import Storage
+from .storage import Storage, check_below
 
 log = logging.getLogger(__name__)
 
 Status = Literal["done", "skipped", "failed"]
+
+#: A job that runs out of device memory is retried once with its size times
+#: this: 0.7 of the side is about half the pixels, and memory grows with pixels.
+OOM_RETRY_SCALE = 0.7
 
 
 @dataclass
@@ -87,7 +97,13 @@ def init_uri(job: Job) -> str | None:
 
 
 def read_inputs(job: Job, storage: Storage) -> Inputs:
-    """Read a job's content, style and init bytes and checksum them."""
+    """Read a job's content, style and init bytes and checksum them.
+
+    A job the manifest refused (``job.problem``: its settings are invalid) has
+    nothing to read: ConfigError with the problem.
+    """
+    if job.problem is not None:
+        raise ConfigError(job.problem)
 
     def describe(uri: str, data: bytes) -> dict[str, Any]:
         return {"uri": uri, "sha256": metadata.sha256(data), "size": len(data)}
@@ -190,18 +206,26 @@ class JobRunner:
         return guarded(job, prepared.started, lambda: finish(prepared, self.compute(prepared, callback, storage), storage))
 
     def compute(self, prepared: "Prepared", callback: RecordCallback | None = None,
-                storage: Storage | None = None):
+                storage: Storage | None = None, *, cancel: threading.Event | None = None):
         """The device part of one job: style targets (cached) and the optimization.
 
-        ``storage`` is needed only when the settings ask for intermediate saves.
+        ``storage`` is needed only when the settings ask for intermediate saves;
+        setting ``cancel`` stops the job with ``Cancelled``.
         """
         hook = None if callback is None else (lambda _prepared, record: callback(record))
-        return self.compute_batch([prepared], hook, storage)[0]
+        return self.compute_batch([prepared], hook, storage, cancel=cancel)[0]
 
     def compute_batch(self, batch: Sequence["Prepared"],
                       callback: Callable[["Prepared", Record], None] | None = None,
-                      storage: Storage | None = None) -> list:
-        """Optimize jobs that share a ``batch_key`` in one batch; one Result per job."""
+                      storage: Storage | None = None, *, cancel: threading.Event | None = None) -> list:
+        """Optimize jobs that share a ``batch_key`` in one batch; one Result per job.
+
+        When the device runs out of memory (``torch.OutOfMemoryError``, CUDA) the
+        batch is retried once at ``OOM_RETRY_SCALE`` times the size, recorded as
+        ``Prepared.retried_at_size``; if that does not fit either, ResourceError
+        names both sizes. (On the CPU ``settings.max_pixels`` refuses oversized
+        jobs before they start.)
+        """
         first = batch[0]
         if any(batch_key(p) != batch_key(first) for p in batch[1:]):
             raise ConfigError("jobs in one batch must share styles, settings and size (see batch_key)")
@@ -217,8 +241,38 @@ class JobRunner:
         for p in batch:
             p.began = began
         hook = None if callback is None else (lambda i, record: callback(batch[i], record))
-        return self.engine.run_batch([p.content for p in batch], targets, settings,
-                                     inits=[p.init for p in batch], callback=hook, snapshot=snapshot)
+
+        def run(s):
+            return self.engine.run_batch([p.content for p in batch], targets, s, inits=[p.init for p in batch],
+                                         callback=hook, snapshot=snapshot, cancel=cancel)
+
+        try:
+            return run(settings)
+        except torch.OutOfMemoryError:
+            pass  # retried below: inside this block the traceback still holds the failed attempt's tensors
+        smaller = max(16, round(settings.size * OOM_RETRY_SCALE))
+        names = ", ".join(p.job.name for p in batch)
+        log.warning("%s: out of %s memory at size %d; retrying once at size %d", names, self.device,
+                    settings.size, smaller)
+        self._release_memory()
+        try:
+            results = run(settings.model_copy(update={"size": smaller}))
+        except torch.OutOfMemoryError:
+            results = None  # raised below, once the attempt's memory is released
+        if results is None:
+            self._release_memory()
+            raise ResourceError(
+                f"out of {self.device} memory at size {settings.size} and again at {smaller}; try size "
+                f"{max(16, round(smaller * OOM_RETRY_SCALE))} or less, or a device with more memory"
+            )
+        for p in batch:
+            p.retried_at_size = smaller
+        return results
+
+    def _release_memory(self) -> None:
+        """Hand the allocator's cached blocks back to the device after an out-of-memory error."""
+        if self.engine.device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def batch_key(prepared: "Prepared") -> tuple:
@@ -241,14 +295,15 @@ class Prepared:
     metadata_uri: str
     started: float  # perf_counter at the start of the job
     began: datetime | None = None  # wall clock when the optimization started
+    retried_at_size: int | None = None  # set when the job ran out of device memory and ran smaller
 
 
 def guarded(job: Job, started: float, step: Callable[[], Any]) -> Any:
-    """Run one stage of ``job``: transient storage errors propagate (to be retried), every
-    other ``StylizeError`` becomes the job's failed ``Outcome``."""
+    """Run one stage of ``job``: transient storage errors (to be retried) and ``Cancelled``
+    propagate, every other ``StylizeError`` becomes the job's failed ``Outcome``."""
     try:
         return step()
-    except TransientStorageError:
+    except (TransientStorageError, Cancelled):
         raise
     except StylizeError as exc:
         log.info("job %s failed: %s", job.name, exc)
@@ -261,12 +316,16 @@ def prepare(job: Job, storage: Storage, *, skip_complete: bool = True, image_uri
 
     Needs no device, so a catalog can prepare the next jobs while the device
     computes. Returns a ``Prepared`` job, or the job's ``Outcome`` when it is
-    skipped or its inputs are unusable.
+    skipped, refused by the manifest, writes outside its output root or has
+    unusable inputs.
     """
     started = time.perf_counter()
 
     def step() -> Prepared | Outcome:
         inputs = read_inputs(job, storage)
+        targets = (image_uri or job.image_uri, metadata_uri or job.metadata_uri)
+        for uri in targets:
+            check_below(job.output, uri)
         key = key_for(job, inputs)
         if skip_complete and metadata.is_complete(storage, job, key):
             return Outcome(job.name, "skipped", time.perf_counter() - started, output=job.image_uri)
@@ -276,16 +335,22 @@ def prepare(job: Job, storage: Storage, *, skip_complete: bool = True, image_uri
         if inputs.init is not None:
             with about(job, "settings.init"):
                 init = images.decode(inputs.init, name=init_uri(job))
-        return Prepared(job, inputs, key, content, init, image_uri or job.image_uri,
-                        metadata_uri or job.metadata_uri, started)
+        return Prepared(job, inputs, key, content, init, *targets, started)
 
     return guarded(job, started, step)
 
 
 def finish(prepared: Prepared, result, storage: Storage) -> Outcome:
-    """Write the image, then the metadata (its presence means the job is complete)."""
+    """Write the image, then the metadata (its presence means the job is complete).
+
+    Metadata left by an earlier run (other settings or inputs) goes first: it
+    must never sit beside an image it does not describe, even if this process
+    dies between the two writes. (So S3 needs delete permission only then.)
+    """
     job = prepared.job
     data = images.encode(result.image, job.settings.format, quality=job.settings.quality)
+    if storage.exists(prepared.metadata_uri):
+        storage.delete(prepared.metadata_uri)
     storage.write(prepared.image_uri, data, content_type=f"image/{job.settings.format}")
     meta = metadata.build_metadata(
         job=job, key=prepared.key, inputs=prepared.inputs.info, output_uri=prepared.image_uri,
@@ -295,6 +360,8 @@ def finish(prepared: Prepared, result, storage: Storage) -> Outcome:
     )
     meta["engine"] = {"precision": result.precision, "sizes": [list(s) for s in result.sizes],
                       "stopped_early": result.stopped_early, "seconds": round(result.seconds, 3)}
+    if prepared.retried_at_size is not None:
+        meta["retried_at_size"] = prepared.retried_at_size  # settings.size did not fit the device
     storage.write(prepared.metadata_uri, metadata.encode(meta), content_type="application/json")
     last = result.records[-1]
     return Outcome(

@@ -25,6 +25,17 @@ Settings merge as: Settings() defaults < ``defaults`` < pair/grid
 ``settings`` < caller overrides. ``load_manifest`` checks everything that
 needs no I/O and reports every problem at once, each with its field path;
 ``Manifest.jobs`` streams the jobs, listing folders and prefixes lazily.
+
+One bad pair does not stop a batch: a pair whose own settings are invalid
+(``pairs[i].settings``, ``pairs[i].style_weights``) becomes a refused job
+(``Job.problem``) that fails with that message while the others run.
+Everything else (the document's shape, ``defaults``, ``grid.settings``,
+output names, caller overrides) concerns every job or the catalog's layout,
+so it invalidates the whole manifest. ``validate`` reports both kinds.
+
+Output names are relative paths below ``output``: absolute names, URIs and
+``..`` are refused. The YAML loader constructs no objects (``!!python/...``
+tags are refused).
 """
 
 from __future__ import annotations
@@ -37,7 +48,7 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any, Iterator, Mapping
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, StringConstraints, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, ValidationError, field_validator
 
 from .errors import ConfigError, ManifestError, StorageError, TransientStorageError
 from .settings import Settings, settings_error_problems
@@ -48,6 +59,7 @@ VERSION = 1
 _EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
 _TOP_KEYS = ("version", "output", "storage", "defaults", "pairs", "grid")
 _NO_JOBS = "no jobs: the manifest has neither `pairs` nor `grid`; add at least one of them"
+_NO_PAIRS = "no jobs: `pairs` is an empty list and there is no `grid`; add at least one pair"
 
 Problem = tuple[str, str]
 
@@ -81,10 +93,14 @@ class _Strict(BaseModel):
 
 
 class StorageOptions(_Strict):
-    """The manifest's ``storage`` block: where its S3 URIs are served from."""
+    """The manifest's ``storage`` block: where its S3 URIs are served from, and how
+    patiently (see ``stylize.storage.Storage``; unset keeps Storage's defaults)."""
 
     endpoint_url: str | None = None
     region: str | None = None
+    max_attempts: int | None = Field(None, ge=0)  # botocore's: retries after a request's first attempt
+    connect_timeout: float | None = Field(None, gt=0)  # seconds per attempt
+    read_timeout: float | None = Field(None, gt=0)
 
 
 class PairSpec(_Strict):
@@ -114,19 +130,25 @@ class GridSpec(_Strict):
 
 @dataclass(frozen=True)
 class Job:
-    """One stylization: inputs, resolved settings and where the result goes."""
+    """One stylization: inputs, resolved settings and where the result goes.
+
+    A pair with invalid settings of its own is still a job, so that it counts
+    and is reported: ``problem`` says why (with field paths), ``settings`` is
+    None, and running it fails with that message.
+    """
 
     name: str  # relative output name without extension, POSIX separators
     content: str  # resolved URI: absolute local path or s3://
     styles: tuple[str, ...]  # resolved URIs
-    settings: Settings  # fully merged; style_blend set from style_weights
+    settings: Settings | None  # fully merged; style_blend set from style_weights; None if refused
     output: str  # output root URI
     source: str  # manifest field path it came from, e.g. "pairs[2]"
     index: int  # position in expansion order (0-based), used for sharding
+    problem: str | None = None  # why the manifest refuses this job
 
     @property
     def image_uri(self) -> str:
-        """Where the stylized image goes: ``<output>/<name>.<png|jpg|webp>``."""
+        """Where the stylized image goes: ``<output>/<name>.<png|jpg|webp>`` (not for a refused job)."""
         return _child(self.output, f"{self.name}.{_EXTENSIONS[self.settings.format]}")
 
     @property
@@ -163,7 +185,9 @@ class Manifest:
         output root) come from the caller. Raises ManifestError at the first
         problem met while expanding (duplicate or unsafe output name, a
         folder or glob with no images, an invalid override); use ``validate``
-        to collect all of them. Only one S3 listing page is held at a time.
+        to collect all of them. A pair with invalid settings of its own comes
+        as a refused job (``Job.problem``). Only one S3 listing page is held
+        at a time.
         """
         for job, _checks in _Expansion(self, storage, overrides, output, None).run():
             yield job
@@ -178,23 +202,41 @@ def load_manifest(uri: str, storage: Storage | None = None) -> Manifest:
     problem found without listing folders; transient storage errors propagate
     as TransientStorageError so callers can retry.
     """
-    storage = storage or Storage()
     uri = uri if is_s3(uri) else local_path(uri)
+    return parse_manifest(_read(uri, storage or Storage()), uri)
+
+
+def _read(uri: str, storage: Storage) -> bytes:
     try:
-        data = storage.read(uri)
+        return storage.read(uri)
     except TransientStorageError:
         raise
     except StorageError as exc:
         message = str(exc).removeprefix(f"{uri}: ")
         raise ManifestError(uri, [("", f"cannot read the manifest: {message}")]) from exc
-    return parse_manifest(data, uri)
 
 
 def parse_manifest(data: bytes | str, uri: str) -> Manifest:
-    """Validate manifest text as if it had been read from ``uri``."""
+    """Validate manifest text as if it had been read from ``uri``.
+
+    Invalid settings of a single pair do not fail the manifest: that pair
+    becomes a refused job (see ``Job.problem``).
+    """
+    problems: list[Problem] = []
+    manifest = _parse(data, uri, problems, refuse_pairs=True)
+    if problems:
+        raise ManifestError(uri, problems)
+    return manifest
+
+
+def _parse(data: bytes | str, uri: str, problems: list[Problem], *, refuse_pairs: bool) -> Manifest:
+    """The manifest in ``data``, with its problems appended to ``problems``.
+
+    ``refuse_pairs``: a pair's own invalid settings refuse that job (True) or
+    are problems too (False). ManifestError only when the text is no YAML mapping.
+    """
     raw = _parse_yaml(data, uri)
     base = parent(uri)
-    problems: list[Problem] = []
     for key in raw:
         if key not in _TOP_KEYS:
             problems.append((str(key), _unknown_key(str(key), _TOP_KEYS, "key")))
@@ -243,7 +285,7 @@ def parse_manifest(data: bytes | str, uri: str) -> Manifest:
     if raw.get("grid") is not None:
         grid = _validate_model(GridSpec, raw["grid"], "grid", problems)
     if not raw_pairs and raw.get("grid") is None:
-        problems.append(("", _NO_JOBS))
+        problems.append(("", _NO_PAIRS if "pairs" in raw and isinstance(raw["pairs"], list) else _NO_JOBS))
 
     manifest = Manifest(
         uri=uri, base=base, output=output, storage=storage_options,
@@ -251,13 +293,11 @@ def parse_manifest(data: bytes | str, uri: str) -> Manifest:
     )
     # Pairs (settings, weights, names, duplicates) and the grid's settings
     # need no I/O: check them now so that one run reports everything.
-    expansion = _Expansion(manifest, None, None, None, problems)
+    expansion = _Expansion(manifest, None, None, None, problems, refuse_pairs=refuse_pairs)
     expansion.check_defaults()
     for _ in expansion.pairs(indexed):
         pass
     expansion.grid_settings()
-    if problems:
-        raise ManifestError(uri, problems)
     return manifest
 
 
@@ -266,7 +306,9 @@ def storage_for(manifest: Manifest) -> Storage:
     options = manifest.storage
     if options is None:
         return Storage()
-    return Storage(endpoint_url=options.endpoint_url, region=options.region)
+    tuning = {k: v for k in ("max_attempts", "connect_timeout", "read_timeout")
+              if (v := getattr(options, k)) is not None}
+    return Storage(endpoint_url=options.endpoint_url, region=options.region, **tuning)
 
 
 def validate(
@@ -274,22 +316,29 @@ def validate(
 ) -> tuple[int, list[Problem]]:
     """Load and fully expand a manifest without running it: (number of jobs, problems).
 
-    Collects every problem instead of stopping at the first. With
+    Collects every problem instead of stopping at the first, the invalid
+    settings of single pairs included (a run refuses only those jobs). With
     ``check_inputs`` each referenced content and style image is checked to
     exist (images found by listing a folder exist by construction). ``storage``
     serves both the manifest and its inputs; without it the manifest is read
     with ``Storage()`` and its inputs with ``storage_for(manifest)``.
     """
+    uri = uri if is_s3(uri) else local_path(uri)
+    problems: list[Problem] = []
     try:
-        manifest = load_manifest(uri, storage)
+        data = _read(uri, storage or Storage())
+        manifest = _parse(data, uri, problems, refuse_pairs=True)
     except ManifestError as exc:
         return 0, exc.problems
+    if problems:  # the document itself is invalid: report that, and the pairs' own settings
+        problems = []
+        _parse(data, uri, problems, refuse_pairs=False)
+        return 0, problems
     storage = storage or storage_for(manifest)
-    problems: list[Problem] = []
     reported: set[Problem] = set()
     exists: dict[str, bool | str] = {}
     count = 0
-    for _job, checks in _Expansion(manifest, storage, None, None, problems).run():
+    for _job, checks in _Expansion(manifest, storage, None, None, problems, refuse_pairs=False).run():
         count += 1
         if not check_inputs:
             continue
@@ -349,14 +398,18 @@ class _Expansion:
     """Turns a Manifest into jobs; reports problems by raising or by collecting.
 
     ``problems=None`` raises ManifestError at the first problem (streaming
-    use); a list collects them all (validation). Yields ``(job, checks)``
-    where ``checks`` are the (field path, URI) inputs not known to exist.
+    use); a list collects them all (validation). With ``refuse_pairs`` a
+    pair's own settings problems make it a refused job instead of being
+    reported. Yields ``(job, checks)`` where ``checks`` are the (field path,
+    URI) inputs not known to exist.
     """
 
-    def __init__(self, manifest: Manifest, storage: Storage | None, overrides, output, problems):
+    def __init__(self, manifest: Manifest, storage: Storage | None, overrides, output, problems, *,
+                 refuse_pairs: bool = True):
         self.m = manifest
         self.storage = storage
         self.problems = problems
+        self.refuse_pairs = refuse_pairs
         self._reported: set[Problem] = set()
         self.defaults = _Layer("defaults", _resolve_paths(manifest.defaults, manifest.base))
         self.overrides = _Layer("overrides", _resolve_paths(dict(overrides or {}), os.getcwd()))
@@ -410,19 +463,24 @@ class _Expansion:
                     styles.append(style)
 
             layers = [self.defaults, _Layer(f"{src}.settings", _resolve_paths(pair.settings, base))]
+            invalid: list[Problem] = []  # of the merged settings, wherever the bad value came from
             if pair.style_weights is not None:
                 weights_path = f"{src}.style_weights"
                 if len(pair.style_weights) != len(styles):
-                    problems.append((weights_path, f"expected {len(styles)} weights, one per style image, found {len(pair.style_weights)}"))
+                    invalid.append((weights_path, f"expected {len(styles)} weights, one per style image, found {len(pair.style_weights)}"))
                 elif "style_blend" in pair.settings:
-                    problems.append((weights_path, "given together with settings.style_blend; keep one of them"))
+                    invalid.append((weights_path, "given together with settings.style_blend; keep one of them"))
                 else:
                     layers.append(_Layer(src, {"style_blend": pair.style_weights}, {"style_blend": weights_path}))
             layers.append(self.overrides)
             settings, errors = _merge(layers)
-            problems += errors
+            invalid += errors
             if settings is not None and settings.style_blend is not None and len(settings.style_blend) != len(styles):
-                problems.append((_owner(layers, "style_blend"), f"style_blend has {len(settings.style_blend)} weights but {src} has {len(styles)} style images"))
+                invalid.append((_owner(layers, "style_blend"), f"style_blend has {len(settings.style_blend)} weights but {src} has {len(styles)} style images"))
+            # Only the pair's own mistakes refuse just its job; one in `defaults` or
+            # the caller's overrides concerns every job.
+            own = [p for p in invalid if self.refuse_pairs and _within(p[0], src)]
+            problems += [p for p in invalid if p not in own]
 
             explicit = pair.name is not None
             name = pair.name if explicit else _pair_name(content, styles)
@@ -431,6 +489,10 @@ class _Expansion:
                 self.report(problems)
                 continue
             checks = [(f"{src}.content", content), *zip(style_paths, styles)]
+            if own:
+                refused = "; ".join(f"{path}: {message}" for path, message in own)
+                yield self.job(name, content, tuple(styles), None, src, refused), []
+                continue
             yield self.job(name, content, tuple(styles), settings, src), checks
 
     def grid_settings(self) -> Settings | None:
@@ -519,9 +581,10 @@ class _Expansion:
         self.seen[name] = (src, content)
         return []
 
-    def job(self, name: str, content: str, styles: tuple[str, ...], settings: Settings, src: str) -> Job:
+    def job(self, name: str, content: str, styles: tuple[str, ...], settings: Settings | None, src: str,
+            problem: str | None = None) -> Job:
         job = Job(name=name, content=content, styles=styles, settings=settings,
-                  output=self.output, source=src, index=self.index)
+                  output=self.output, source=src, index=self.index, problem=problem)
         self.index += 1
         return job
 
@@ -553,6 +616,11 @@ def _merge(layers: list[_Layer]) -> tuple[Settings | None, list[Problem]]:
                 message = _unknown_key(str(key), tuple(Settings.model_fields), "setting", list_all=False)
             problems.append((path, message + _found(err)))
         return None, problems
+
+
+def _within(path: str, src: str) -> bool:
+    """True if the field path ``path`` is ``src`` or inside it (``pairs[2].settings.size``)."""
+    return path == src or path.startswith((f"{src}.", f"{src}["))
 
 
 def _owner(layers: list[_Layer], key: str) -> str:
@@ -707,6 +775,8 @@ def _unsafe_name(name: str) -> str | None:
         return "contains a NUL character"
     if "\\" in name:
         return "contains a backslash; use / for subfolders"
+    if "://" in name:
+        return "is a URI; expected a path relative to the output folder (outputs go only below `output`)"
     if name.startswith("/"):
         return "is absolute; expected a path relative to the output folder"
     parts = name.split("/")

@@ -28,7 +28,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from . import images
-from .errors import ConfigError, InputError, OptimizationError, ResourceError
+from .errors import Cancelled, ConfigError, InputError, OptimizationError, ResourceError
 from .features import LAYER_INDEX, VGG19Features, min_side, resolve_weights
 from .losses import ContentLoss, StyleLoss, TVLoss, gram
 from .settings import Settings
@@ -419,17 +419,20 @@ class Engine:
         init: Image.Image | None = None,
         callback: RecordCallback | None = None,
         snapshot: SnapshotCallback | None = None,
+        cancel: threading.Event | None = None,
     ) -> Result:
         """Stylize ``content`` with ``styles`` (images or precomputed targets).
 
         ``init`` is the starting image when ``settings.init`` names a file
         (the caller reads it). Raises ``InputError`` for unusable images,
-        ``OptimizationError`` when the loss stops being finite.
+        ``OptimizationError`` when the loss stops being finite, ``Cancelled``
+        when ``cancel`` is set (checked at every loss evaluation).
         """
         return self.run_batch(
             [content], styles, settings, inits=[init],
             callback=None if callback is None else (lambda i, rec: callback(rec)),
             snapshot=None if snapshot is None else (lambda i, it, scale, image: snapshot(it, scale, image)),
+            cancel=cancel,
         )[0]
 
     def run_batch(
@@ -441,6 +444,7 @@ class Engine:
         inits: Sequence[Image.Image | None] | None = None,
         callback: Callable[[int, Record], None] | None = None,
         snapshot: Callable[[int, int, int, Image.Image], None] | None = None,
+        cancel: threading.Event | None = None,
     ) -> list[Result]:
         """Stylize several content images of the same size with the same styles in one batch.
 
@@ -448,7 +452,10 @@ class Engine:
         each result is what ``run`` gives for that image alone (up to float
         rounding); batching changes speed, not pictures. ``callback(i, record)``
         and ``snapshot(i, iteration, scale, image)`` name the image by position.
+        Setting ``cancel`` (from another thread) stops the batch with ``Cancelled``
+        at the next loss evaluation, so an interrupted run does not wait for it.
         """
+        _check_cancel(cancel, "before it started")
         s = settings or Settings()
         started = time.perf_counter()
         b = len(contents)
@@ -480,7 +487,8 @@ class Engine:
                                              self.channels_last)
             objective = Objective(model, s, content_feats, style_grams, dtype, self.channels_last)
             x = x.detach().clone().requires_grad_(True)
-            x, early = self._optimize(x, objective, s, level, iterations, started, records, callback, snapshot, c)
+            x, early = self._optimize(x, objective, s, level, iterations, started, records, callback, snapshot, c,
+                                      cancel)
             for i in range(b):
                 stopped[i].append(early[i])
             log.debug("level %d (%dx%d) done at iterations %s", level, lw, lh, iterations)
@@ -539,7 +547,8 @@ class Engine:
         iq = images.rgb_to_yiq(content_rgb)[:, 1:]
         return images.yiq_to_rgb(torch.cat([x, iq], dim=1))
 
-    def _optimize(self, x, objective, s, level, iterations, started, records, callback, snapshot, content_rgb):
+    def _optimize(self, x, objective, s, level, iterations, started, records, callback, snapshot, content_rgb,
+                  cancel):
         """One level for a batch. Returns the final images (b, ...) and which stopped early.
 
         An image that converges is frozen at that iterate (its records stop)
@@ -557,6 +566,7 @@ class Engine:
             return total
 
         def record(step_taken: bool) -> None:
+            _check_cancel(cancel, f"at iteration {max(iterations)} (scale {level}/{s.scales})")
             # One device sync per evaluation for the whole batch.
             rows = torch.stack([parts["total"], parts["content"], parts["style"], parts["tv"]], 1).tolist()
             now = time.perf_counter() - started
@@ -615,6 +625,11 @@ class Engine:
             record(step_taken=i > 0)
             adam.step()
         return result()
+
+
+def _check_cancel(cancel: threading.Event | None, where: str) -> None:
+    if cancel is not None and cancel.is_set():
+        raise Cancelled(f"stopped {where}: the run was interrupted")
 
 
 def _converged(history: list[float], s: Settings) -> bool:

@@ -29,7 +29,9 @@ class Settings(BaseModel):
     # Longest side of the output in pixels. 512 is where VGG19's receptive
     # fields (about 200 px at relu5_1) still see whole brush strokes while a
     # CPU run finishes in minutes; the paper's figures are about this size.
-    size: int = Field(512, ge=16, le=16384)
+    # No fixed upper bound: ``max_pixels`` is the limit, and its error names
+    # the size that fits.
+    size: int = Field(512, ge=16)
     # L-BFGS iterations at full size. 500 is where jcjohnson/neural-style's
     # default (1000) has visually converged for 512 px images; early stopping
     # usually ends sooner.

@@ -103,6 +103,30 @@ def parent(uri: str) -> str:
     return os.path.dirname(local_path(uri))
 
 
+def check_below(root: str, uri: str) -> None:
+    """Refuse (StorageError) to write ``uri`` unless it lies below the output root ``root``.
+
+    S3: ``uri`` must be in the same bucket, under the root's prefix. Local: its
+    folder, with symbolic links resolved, must be inside the root's (the root
+    itself may be a link): a link inside an output folder that points
+    elsewhere would otherwise steer writes out of it. Checked before writing,
+    so a folder replaced by a link after the check is not caught.
+    """
+    if is_s3(root) or is_s3(uri):
+        prefix = root.rstrip("/") + "/"
+        if not (is_s3(root) and uri.startswith(prefix)):
+            raise StorageError(f"{uri}: outside the output root {root}; refusing to write there")
+        return
+    real_root = os.path.realpath(local_path(root))
+    folder = os.path.dirname(local_path(uri))
+    real = os.path.realpath(folder)
+    if os.path.commonpath([real_root, real]) != real_root:
+        raise StorageError(
+            f"{uri}: folder {folder} resolves to {real}, outside the output root {real_root} "
+            "(a symbolic link?); refusing to write there"
+        )
+
+
 def join(base: str, relative: str) -> str:
     """Resolve ``relative`` against the folder or prefix ``base``.
 
@@ -156,12 +180,20 @@ class Storage:
         endpoint_url: str | None = None,
         region: str | None = None,
         max_attempts: int = 5,
+        connect_timeout: float = 60.0,
+        read_timeout: float = 60.0,
     ):
         self.endpoint_url = endpoint_url
         self.region = region
         # botocore "standard" mode retries throttling, 5xx and connection errors
-        # with jittered backoff; 5 attempts ride out a brief S3 brownout.
+        # with jittered backoff; 5 retries ride out a brief S3 brownout. (botocore's
+        # max_attempts counts the retries after the first attempt.)
         self.max_attempts = max_attempts
+        # Seconds per attempt (botocore's defaults). A stalled connection or
+        # read fails after this long and is retried like any transient error;
+        # tests against a stalling proxy set them to about a second.
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
         self._lock = threading.Lock()
         self._client = None
 
@@ -194,12 +226,18 @@ class Storage:
                         endpoint_url=self.endpoint_url,
                         region_name=self.region,
                         config=Config(retries={"max_attempts": self.max_attempts, "mode": "standard"},
+                                      connect_timeout=self.connect_timeout, read_timeout=self.read_timeout,
                                       max_pool_connections=64),  # one per concurrent task, with room
                     )
         return self._client
 
     def read(self, uri: str) -> bytes:
-        """The whole content of ``uri``; NotFoundError if it does not exist."""
+        """The whole content of ``uri``; NotFoundError if it does not exist.
+
+        A body cut short on S3 (fewer bytes than its Content-Length) raises
+        TransientStorageError: the HTTP client checks the length, so a
+        truncated image is never returned.
+        """
         if is_s3(uri):
             bucket, key = _object_key(uri)
             try:
@@ -239,6 +277,22 @@ class Storage:
                 raise _s3_error(exc, uri) from exc
             return
         _write_local(local_path(uri), data, uri)
+
+    def delete(self, uri: str) -> None:
+        """Remove the file or object ``uri``; nothing happens if it does not exist."""
+        if is_s3(uri):
+            bucket, key = _object_key(uri)
+            try:
+                self.client.delete_object(Bucket=bucket, Key=key)  # S3 says 204 for a missing key too
+            except _S3_ERRORS as exc:
+                raise _s3_error(exc, uri) from exc
+            return
+        try:
+            os.unlink(local_path(uri))
+        except (FileNotFoundError, NotADirectoryError):
+            pass
+        except OSError as exc:
+            raise StorageError(f"{uri}: cannot delete: {exc.strerror or exc}") from exc
 
     def stat(self, uri: str) -> ObjectInfo | None:
         """Size (and ETag on S3) of ``uri``, or None if there is no such file or object."""

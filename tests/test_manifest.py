@@ -202,10 +202,7 @@ PAIR = "pairs: [{content: content/cat.jpg, style: styles/shipwreck.jpg}]\n"
         (V + "pairs: [{content: a.png, style: s.jpg, colour: red}]\n", "pairs[0].colour", "unknown key"),
         (V + "pairs: [{style: s.jpg}]\n", "pairs[0].content", "missing"),
         (V + "pairs: [{content: a.png, style: []}]\n", "pairs[0].style", "empty list"),
-        (V + "pairs: [{content: a.png, style: [s.jpg, t.jpg], style_weights: [1]}]\n", "pairs[0].style_weights", "expected 2 weights"),
-        (V + "pairs: [{content: a.png, style: [s.jpg, t.jpg], style_weights: [1, -1]}]\n", "pairs[0].style_weights", ">= 0"),
         (V + "defaults: {style_blend: [1, 2]}\n" + PAIR, "defaults.style_blend", "1 style images"),
-        (V + "pairs: [{content: a.png, style: s.jpg, settings: {iterations: -5}}]\n", "pairs[0].settings.iterations", "greater than or equal to 0"),
         (V + "defaults: {iterations: -5}\n" + PAIR, "defaults.iterations", "greater than or equal to 0"),
         (V + "defaults: {iteration: 5}\n" + PAIR, "defaults.iteration", "did you mean 'iterations'"),
         (V + "defaults: {size: 100, max_pixels: 256}\n" + PAIR, "defaults", "budget max_pixels"),
@@ -218,11 +215,13 @@ PAIR = "pairs: [{content: content/cat.jpg, style: styles/shipwreck.jpg}]\n"
         (V + "pairs: [{content: a.png, style: s.jpg}, {content: b/a.jpg, style: x/s.png}]\n", "pairs[1]", "produced twice: by pairs[0]"),
         (V + "pairs: [{content: a.png, style: s.jpg, name: ../x}]\n", "pairs[0].name", "escape the output folder"),
         (V + "pairs: [{content: a.png, style: s.jpg, name: /abs/x}]\n", "pairs[0].name", "is absolute"),
+        (V + "pairs: [{content: a.png, style: s.jpg, name: 's3://other-bucket/x'}]\n", "pairs[0].name", "is a URI"),
+        (V + "pairs: [{content: a.png, style: s.jpg, name: 'a/../../x'}]\n", "pairs[0].name", "escape the output folder"),
         (V + "pairs: [{content: a.png, style: s.jpg, name: 'a\\\\b'}]\n", "pairs[0].name", "backslash"),
         (V + "pairs: [{content: a.png, style: s.jpg, name: ''}]\n", "pairs[0].name", "is empty"),
         (V + "pairs: [{content: a.png, style: s.jpg, name: \"a\\0b\"}]\n", "pairs[0].name", "NUL"),
         (V, "", "no jobs"),
-        (V + "pairs: []\n", "", "no jobs"),
+        (V + "pairs: []\n", "", "`pairs` is an empty list"),
         (V + "pairs: !!python/object/apply:os.system [echo hi]\n", "", "constructor for the tag"),
         (V + "version: 1\n" + PAIR, "", "duplicate key 'version'"),
         # Found only when expanding: listing folders and globs.
@@ -250,6 +249,29 @@ def test_bad_manifests(project, elsewhere, text, path, fragment):
     assert any(p == path and fragment in m for p, m in problems), problems
 
 
+@pytest.mark.parametrize(
+    "pair, path, fragment",
+    [
+        ("{content: a.png, style: [s.jpg, t.jpg], style_weights: [1]}", "pairs[1].style_weights", "expected 2 weights"),
+        ("{content: a.png, style: [s.jpg, t.jpg], style_weights: [1, -1]}", "pairs[1].style_weights", ">= 0"),
+        ("{content: a.png, style: [s.jpg, t.jpg], style_weights: [.nan, 1]}", "pairs[1].style_weights[0]", "finite number"),
+        ("{content: a.png, style: s.jpg, settings: {iterations: -5}}", "pairs[1].settings.iterations", "greater than or equal to 0"),
+        ("{content: a.png, style: s.jpg, settings: {style_weight: .inf}}", "pairs[1].settings.style_weight", "finite number"),
+        ("{content: a.png, style: s.jpg, settings: {size: 20000}}", "pairs[1].settings", "use size <= 4096"),
+    ],
+)
+def test_a_pair_with_invalid_settings_is_a_refused_job(project, elsewhere, pair, path, fragment):
+    # The batch goes on: the other pair is a normal job, this one fails when run.
+    uri = write(project / "m.yaml", f"version: 1\noutput: out\npairs: [{{content: b.png, style: s.jpg}}, {pair}]\n")
+    good, refused = load_manifest(uri).jobs(Storage())
+    assert good.problem is None and good.settings is not None
+    assert refused.settings is None and refused.source == "pairs[1]"
+    assert refused.problem.startswith(f"{path}: ") and fragment in refused.problem
+    # validate() still reports it with its field path.
+    count, problems = validate(uri, check_inputs=False)
+    assert any(p == path and fragment in m for p, m in problems), problems
+
+
 def test_all_problems_are_listed_at_once(tmp_path):
     uri = write(tmp_path / "m.yaml", """\
         version: 1
@@ -264,11 +286,14 @@ def test_all_problems_are_listed_at_once(tmp_path):
     with pytest.raises(ManifestError) as info:
         load_manifest(uri)
     paths = [p for p, _ in info.value.problems]
-    assert paths == [
+    # pairs[1]'s own settings would only refuse that job, so loading leaves them out ...
+    assert paths == ["pairs[0].style", "pairs[2].content", "defaults.size", "grid.settings.scales"]
+    assert "4 problems" in str(info.value)
+    # ... and validate() lists everything.
+    assert [p for p, _ in validate(uri, check_inputs=False)[1]] == [
         "pairs[0].style", "pairs[2].content", "defaults.size",
         "pairs[1].settings.iterations", "pairs[1].settings.tv_weight", "grid.settings.scales",
     ]
-    assert "6 problems" in str(info.value)
 
 
 def test_missing_manifest(tmp_path):

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import http.client
 import json
 import shutil
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from faults import FaultProxy
 
 from flows.catalog import CatalogFailed, stylize_catalog
 from flows.devices import runner_for
@@ -160,74 +158,13 @@ def test_s3_catalog_writes_back_and_reruns_skip(s3, bucket, s3_server, monkeypat
     assert stylize_catalog(manifest=uri)["counts"]["skipped"] == 2
 
 
-class FlakyProxy:
-    """An HTTP proxy on loopback in front of the S3 server that answers the first
-    ``failures`` PUT requests with 503 SlowDown, then forwards everything."""
-
-    def __init__(self, upstream: str, failures: int):
-        self.upstream = upstream.removeprefix("http://")
-        self.remaining = failures
-        self.failed = 0
-        self.lock = threading.Lock()
-        proxy = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
-            def _handle(self):
-                length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(length) if length else None
-                with proxy.lock:
-                    fail = self.command == "PUT" and proxy.remaining > 0
-                    if fail:
-                        proxy.remaining -= 1
-                        proxy.failed += 1
-                if fail:
-                    payload = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
-                    self.send_response(503)
-                    self.send_header("Content-Length", str(len(payload)))
-                    self.end_headers()
-                    self.wfile.write(payload)
-                    return
-                conn = http.client.HTTPConnection(proxy.upstream, timeout=30)
-                headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
-                headers["Host"] = proxy.upstream
-                conn.request(self.command, self.path, body=body, headers=headers)
-                resp = conn.getresponse()
-                data = resp.read()
-                self.send_response(resp.status)
-                for k, v in resp.getheaders():
-                    if k.lower() not in ("transfer-encoding", "connection", "content-length"):
-                        self.send_header(k, v)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(data)
-                conn.close()
-
-            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _handle
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-
-
 def test_transient_s3_failures_are_retried(s3, bucket, s3_server, monkeypatch):
     # More consecutive 503s than botocore's own retries absorb, so the task-level retry must act too.
-    proxy = FlakyProxy(s3_server, failures=6)
-    try:
+    with FaultProxy(s3_server, kinds=("503",), methods=("PUT",), limit=6) as proxy:
         monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
         uri = s3_manifest(s3, bucket, proxy.url)
         summary = stylize_catalog(manifest=uri)
-    finally:
-        proxy.close()
-    assert proxy.failed == 6
+    assert len(proxy.faults) == 6
     assert summary["counts"] == {"done": 2, "skipped": 0, "failed": 0, "total": 2}
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="out/")["Contents"]}
     assert {"out/cat__starry.png", "out/astronaut__starry.png"} <= keys
