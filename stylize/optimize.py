@@ -28,7 +28,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from . import images
-from .errors import Cancelled, ConfigError, InputError, OptimizationError, ResourceError
+from .errors import Cancelled, ConfigError, InputError, OptimizationError
 from .features import LAYER_INDEX, VGG19Features, min_side, resolve_weights
 from .losses import ContentLoss, StyleLoss, TVLoss, gram
 from .settings import Settings
@@ -525,9 +525,8 @@ class Engine:
                 f"output would be {w}x{h} px; the layers up to {deepest} need at least {need} px on each side; "
                 "raise size"
             )
-        if w * h > s.max_pixels:
-            fit = math.isqrt(s.max_pixels * max(w, h) // min(w, h))
-            raise ResourceError(f"output {w}x{h} px is over the pixel budget {s.max_pixels}; size {fit} would fit")
+        # The pixel budget needs no check here: Settings refuses size**2 > max_pixels,
+        # and w*h never exceeds size**2.
         return sizes
 
     def _initial(self, s: Settings, content: Tensor, init: Image.Image | None, hw: tuple[int, int]) -> Tensor:
@@ -647,16 +646,3 @@ def _resize_tensor(x: Tensor, hw: tuple[int, int]) -> Tensor:
     # Antialias when shrinking; bicubic when growing keeps coarse-level strokes crisp.
     return F.interpolate(x, size=hw, mode="bicubic", align_corners=False, antialias=True)
 
-
-def stylize(
-    content: Image.Image,
-    styles: Sequence[Image.Image],
-    settings: Settings | None = None,
-    *,
-    device: str = "auto",
-    init: Image.Image | None = None,
-    callback: RecordCallback | None = None,
-    snapshot: SnapshotCallback | None = None,
-) -> Result:
-    """One-shot convenience: build an ``Engine`` on ``device`` and run one job."""
-    return Engine(device).run(content, styles, settings, init=init, callback=callback, snapshot=snapshot)
