@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from . import images
 from .errors import Cancelled, ConfigError, InputError, OptimizationError
 from .features import LAYER_INDEX, VGG19Features, min_side, resolve_weights
+from .fused import LossSpec, feature_losses
 from .losses import ContentLoss, StyleLoss, TVLoss, gram
 from .settings import Settings
 
@@ -249,6 +250,7 @@ class Objective(nn.Module):
         style_grams: dict[str, Tensor],
         dtype: torch.dtype,
         channels_last: bool,
+        fused: bool = True,
     ):
         super().__init__()
         self.features = features
@@ -262,15 +264,25 @@ class Objective(nn.Module):
         self.weights = (settings.content_weight, settings.style_weight, settings.tv_weight)
         self.dtype = dtype
         self.channels_last = channels_last
+        self.fused = fused
+        wc, ws, _ = self.weights
+        # The same losses and weights for the fused pass (see stylize.fused).
+        self.spec = LossSpec(
+            content={n: (self.content[n].target, wc / len(self.content_layers)) for n in self.content_layers},
+            style={n: (self.style[n].target, ws * self.layer_weights[n]) for n in self.style_layers},
+        )
 
     def forward(self, image: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         rgb = image.expand(-1, 3, -1, -1) if image.shape[1] == 1 else image  # luminance -> grey RGB
-        feats = run_features(self.features, rgb, self.layers, self.dtype, self.channels_last)
         wc, ws, wt = self.weights
-        content = sum(self.content[n](feats[n]) for n in self.content_layers) / len(self.content_layers)
-        style = sum(self.layer_weights[n] * self.style[n](feats[n]) for n in self.style_layers)
-        tv = self.tv(image)
-        content, style, tv = wc * content, ws * style, wt * tv
+        if self.fused:
+            content, style = feature_losses(self.features.preprocess(rgb.float()), self.features, self.spec,
+                                            self.channels_last)
+        else:  # autograd through the modules: the reference, and what torch.compile can trace
+            feats = run_features(self.features, rgb, self.layers, self.dtype, self.channels_last)
+            content = wc * sum(self.content[n](feats[n]) for n in self.content_layers) / len(self.content_layers)
+            style = ws * sum(self.layer_weights[n] * self.style[n](feats[n]) for n in self.style_layers)
+        tv = wt * self.tv(image)
         return content + style + tv, content, style, tv  # each (b,)
 
 
@@ -348,14 +360,18 @@ class Engine:
     """
 
     def __init__(self, device: str | torch.device = "auto", *, channels_last: bool = True, tf32: bool = True,
-                 cudnn_benchmark: bool = True, compile: bool = False):
+                 cudnn_benchmark: bool = True, compile: bool = False, fused: bool = True):
         """``channels_last``: NHWC tensors, which oneDNN and cuDNN convolve fastest (about 1.8x
         on this CPU in float32). On CUDA, ``tf32`` lets float32 convolutions use TF32 tensor
         cores and ``cudnn_benchmark`` picks the fastest algorithm per shape (both process-wide
-        switches in torch). ``compile`` wraps the network in ``torch.compile``."""
+        switches in torch). ``compile`` wraps the network in ``torch.compile``. ``fused``
+        computes the losses' gradient with ``stylize.fused``'s hand-written backward pass
+        instead of autograd (same values, less memory traffic); ``compile`` turns it off,
+        as the compiler needs the autograd graph."""
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
         self.channels_last = channels_last and self.device.type in ("cpu", "cuda")
         self.compile = compile
+        self.fused = fused and not compile
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = tf32
             torch.backends.cudnn.allow_tf32 = tf32
@@ -406,7 +422,7 @@ class Engine:
         content_feats = run_features(model, c, s.content_layers, torch.float32, self.channels_last)
         grams = self.style_targets(styles, s).grams(max(w, h))
         _total, content_loss, style_loss, _tv = Objective(model, s, content_feats, grams, torch.float32,
-                                                          self.channels_last)(x)
+                                                          self.channels_last, self.fused)(x)
         return {"content": content_loss.item(), "style": style_loss.item(),
                 "total": content_loss.item() + style_loss.item()}
 
@@ -485,7 +501,7 @@ class Engine:
             with torch.no_grad():
                 content_feats = run_features(model, c_target.expand(-1, 3, -1, -1), s.content_layers, dtype,
                                              self.channels_last)
-            objective = Objective(model, s, content_feats, style_grams, dtype, self.channels_last)
+            objective = Objective(model, s, content_feats, style_grams, dtype, self.channels_last, self.fused)
             x = x.detach().clone().requires_grad_(True)
             x, early = self._optimize(x, objective, s, level, iterations, started, records, callback, snapshot, c,
                                       cancel)
