@@ -32,6 +32,7 @@ from .errors import Cancelled, ConfigError, InputError, OptimizationError
 from .features import LAYER_INDEX, VGG19Features, min_side, resolve_weights
 from .fused import LossSpec, feature_losses
 from .losses import ContentLoss, StyleLoss, TVLoss, gram
+from .malloc import retain_freed_memory
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -360,14 +361,17 @@ class Engine:
     """
 
     def __init__(self, device: str | torch.device = "auto", *, channels_last: bool = True, tf32: bool = True,
-                 cudnn_benchmark: bool = True, compile: bool = False, fused: bool = True):
+                 cudnn_benchmark: bool = True, compile: bool = False, fused: bool = True,
+                 retain_memory: bool = True):
         """``channels_last``: NHWC tensors, which oneDNN and cuDNN convolve fastest (about 1.8x
         on this CPU in float32). On CUDA, ``tf32`` lets float32 convolutions use TF32 tensor
         cores and ``cudnn_benchmark`` picks the fastest algorithm per shape (both process-wide
         switches in torch). ``compile`` wraps the network in ``torch.compile``. ``fused``
         computes the losses' gradient with ``stylize.fused``'s hand-written backward pass
         instead of autograd (same values, less memory traffic); ``compile`` turns it off,
-        as the compiler needs the autograd graph."""
+        as the compiler needs the autograd graph. ``retain_memory``, on CPU, keeps freed memory
+        mapped in the process so that each iteration reuses the last one's pages (about 8%
+        faster in float32 at 512 px; a process-wide glibc setting, see ``stylize.malloc``)."""
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
         self.channels_last = channels_last and self.device.type in ("cpu", "cuda")
         self.compile = compile
@@ -376,6 +380,7 @@ class Engine:
             torch.backends.cuda.matmul.allow_tf32 = tf32
             torch.backends.cudnn.allow_tf32 = tf32
             torch.backends.cudnn.benchmark = cudnn_benchmark
+        self.malloc = retain_freed_memory() if retain_memory and self.device.type == "cpu" else "not asked"
         self._models: dict[tuple, VGG19Features] = {}
         self._lock = threading.Lock()
 
