@@ -133,17 +133,38 @@ def resolve_precision(spec: str, device: torch.device) -> torch.dtype:
 BYTES_PER_PIXEL = {torch.bfloat16: 3500, torch.float32: 6000}
 
 
+#: Images per batch on the CPU in float32. Two images per oneDNN call keep the
+#: cores busier than one (benchmarks/engine.py at 512 px: 0.91x the time per
+#: image, 2026-11-27); in bfloat16 a batch of two was slower (1.16x), so 1.
+CPU_FLOAT32_BATCH = 2
+
+
+def available_memory() -> int | None:
+    """Bytes of RAM available to new allocations (Linux ``MemAvailable``), or None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def max_batch(device: torch.device, pixels: int, dtype: torch.dtype, *, cap: int = 32) -> int:
     """How many images of ``pixels`` output pixels fit one batch on ``device``.
 
     CUDA: from the free memory (70% of it, leaving room for the allocator and
-    cuDNN workspaces). Elsewhere 1: on the CPU a batch only queues work on
-    the same cores.
+    cuDNN workspaces). CPU: ``CPU_FLOAT32_BATCH`` in float32 when half the
+    available RAM holds them, else 1. Elsewhere 1.
     """
+    per_image = BYTES_PER_PIXEL.get(dtype, BYTES_PER_PIXEL[torch.float32]) * pixels
+    if device.type == "cpu" and dtype == torch.float32:
+        free = available_memory()
+        return CPU_FLOAT32_BATCH if free is not None and CPU_FLOAT32_BATCH * per_image <= free // 2 else 1
     if device.type != "cuda":
         return 1
     free, _total = torch.cuda.mem_get_info(device)
-    per_image = BYTES_PER_PIXEL.get(dtype, BYTES_PER_PIXEL[torch.float32]) * pixels
     return max(1, min(cap, int(0.7 * free // per_image)))
 
 
