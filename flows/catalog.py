@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import threading
 import time
 from collections import deque
@@ -44,6 +45,7 @@ from stylize.storage import Storage, join
 from .dask import cluster_gpus, dask_client, job_resources, worker_device
 from .devices import plan_devices, pool_for, runner_for
 
+log = logging.getLogger(__name__)
 progress_log = logging.getLogger("stylize.progress")
 
 #: Rows kept for the table artifact; the summary JSON keeps every failure.
@@ -108,13 +110,16 @@ def stylize_job(job: Job, storage: Storage, slots: list[str] | None,
       retry_delay_seconds=exponential_backoff(2), retry_jitter_factor=0.5,
       retry_condition_fn=_transient_only, cache_policy=NO_CACHE, persist_result=False)
 def stylize_batch(jobs: list[Job], storage: Storage, slots: list[str] | None, n_more: int = 0,
-                  cancel: threading.Event | None = None) -> list[Outcome]:
+                  cancel: threading.Event | None = None, retry_delay: float = 2.0) -> list[Outcome]:
     """Run jobs that share styles and settings as optimization batches on one device.
 
     Jobs whose images also share a size go through VGG19 together, each with
     its own L-BFGS history (``Engine.run_batch``), so the pictures are the
     ones each job gives alone. If a batch fails as a whole (one image's loss
     diverging, say), its jobs run one by one so that only the bad one fails.
+    Each job's writes are retried on their own (``finish_alone``), so that a
+    key that cannot be written fails its job only, and a storage hiccup does
+    not make the whole batch compute again.
     """
     outcomes: list[Outcome] = []
     groups: dict[tuple, list] = {}
@@ -141,8 +146,33 @@ def stylize_batch(jobs: list[Job], storage: Storage, slots: list[str] | None, n_
                            for p in group]
         for prepared, result in zip(group, results):
             outcomes.append(result if isinstance(result, Outcome)
-                            else guarded(prepared.job, prepared.started, lambda: finish(prepared, result, storage)))
+                            else finish_alone(prepared, result, storage, retry_delay, cancel))
     return outcomes
+
+
+#: Tries of a batched job's writes after the first, as the tasks' retries.
+WRITE_RETRIES = 3
+
+
+def finish_alone(prepared, result, storage: Storage, retry_delay: float,
+                 cancel: threading.Event | None = None) -> Outcome:
+    """Write one batched job's outputs, retrying transient storage errors like a task would
+    (``WRITE_RETRIES`` more tries, after about ``retry_delay`` x 1, 2 and 4 s, jittered);
+    when they run out, the job fails with the last error and its batch-mates are unaffected."""
+    job, attempt = prepared.job, 0
+    while True:
+        try:
+            return guarded(job, prepared.started, lambda: finish(prepared, result, storage))
+        except TransientStorageError as exc:
+            if attempt == WRITE_RETRIES:
+                log.info("job %s failed: %s", job.name, exc)
+                return Outcome(job.name, "failed", time.perf_counter() - prepared.started, error=str(exc))
+            delay = retry_delay * 2**attempt * (1 + 0.5 * random.random())
+            log.info("job %s: %s; writing again in %.1f s", job.name, exc, delay)
+            stopped = cancel.wait(delay) if cancel is not None else time.sleep(delay)
+            if stopped:
+                raise Cancelled(f"{job.name}: interrupted before its outputs were written") from exc
+            attempt += 1
 
 
 def _groups(jobs: list[Job], per_batch: int) -> list[list[Job]]:
@@ -227,8 +257,8 @@ def stylize_catalog(
     slots (default: every GPU, else one CPU worker); ``shard="i/n"`` runs the
     i-th of n disjoint parts; ``settings`` overrides engine settings for every
     job. ``images_per_batch`` optimizes up to that many same-size jobs sharing
-    styles and settings together on one device (default: 1 on the CPU, from
-    free memory on CUDA). A job that fails on a transient storage error is
+    styles and settings together on one device (default: on the CPU 2 in
+    float32 and 1 in bf16, from free memory on CUDA). A job that fails on a transient storage error is
     retried 3 times, after about ``retry_delay`` x 1, 2 and 4 seconds (jittered).
     With a Dask task runner (``flows.dask.catalog_on_dask``) each job runs
     on a worker's GPU instead, and ``devices``/``workers`` are refused. Fails
@@ -263,7 +293,8 @@ def stylize_catalog(
             batches = _groups(group, _images_per_batch(images_per_batch, slots, group))
             with job_resources() if dask is not None else nullcontext():
                 futures = [one.submit(jobs[0], storage, slots, cancel=stop) if len(jobs) == 1
-                           else several.submit(jobs, storage, slots, n_more=len(jobs) - 1, cancel=stop)
+                           else several.submit(jobs, storage, slots, n_more=len(jobs) - 1, cancel=stop,
+                                               retry_delay=retry_delay)
                            for jobs in batches]
             names = {f.task_run_id: [j.name for j in jobs] for f, jobs in zip(futures, batches)}
             for future in as_completed(futures):

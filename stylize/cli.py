@@ -367,7 +367,7 @@ def _register_catalog_commands(sub) -> None:
                    help="the flow run fails when more jobs than this fail (default 0)")
     p.add_argument("--images-per-batch", type=int, metavar="N",
                    help="optimize up to N same-size images with the same styles together on one device "
-                        "(default: 1 on the CPU, from free memory on CUDA)")
+                        "(default: on the CPU 2 in float32 and 1 in bf16, from free memory on CUDA)")
     p.add_argument("--dask", metavar="ADDRESS|local",
                    help="run the jobs on a Dask cluster, one per worker GPU resource: a scheduler address "
                         "(tcp://host:8786) or 'local' for worker processes here (one per GPU, else --workers "

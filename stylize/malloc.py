@@ -10,15 +10,16 @@ of them on its first write: on the 2-core CI machine that costs about 12 ms per
 45 MB tensor (against 1.5 ms to zero the same tensor when its pages are
 already mapped), and about 8% of a float32 iteration in all.
 
-:func:`retain_freed_memory` sets glibc's ``M_MMAP_MAX`` to 0 (every block comes
-from the heap) and ``M_TRIM_THRESHOLD`` to its largest value, 2 GiB (the heap
-is trimmed only when more than that is free at its top), so the second iteration onwards reuses pages that are already mapped. The
-process then keeps its high-water mark of memory until it exits, as PyTorch's
-CUDA caching allocator does with GPU memory. It changes a process-wide setting,
-so ``Engine`` calls it only for CPU engines and only when asked to (the
-default), and it steps aside when the user tunes malloc already: a
-``MALLOC_*`` or ``GLIBC_TUNABLES`` environment variable, or another allocator
-(jemalloc, tcmalloc, mimalloc) in ``LD_PRELOAD``.
+:func:`retain_freed_memory` sets glibc's ``M_MMAP_MAX`` to 0 (every block
+comes from the heap) and ``M_TRIM_THRESHOLD`` to its largest value, 2 GiB (the
+heap is trimmed only when more than that is free at its top), so the second
+iteration onwards reuses pages that are already mapped. The process then keeps
+its high-water mark of memory until it exits, as PyTorch's CUDA caching
+allocator does with GPU memory. It changes a process-wide setting, so
+``Engine`` calls it only for CPU engines (``retain_memory=False`` opts out),
+and it steps aside when the user tunes malloc already: a ``MALLOC_*`` or
+``GLIBC_TUNABLES`` environment variable, or another allocator (jemalloc,
+tcmalloc, mimalloc) in ``LD_PRELOAD``.
 """
 
 from __future__ import annotations
