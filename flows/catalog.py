@@ -258,8 +258,9 @@ def stylize_catalog(
     i-th of n disjoint parts; ``settings`` overrides engine settings for every
     job. ``images_per_batch`` optimizes up to that many same-size jobs sharing
     styles and settings together on one device (default: on the CPU 2 in
-    float32 and 1 in bf16, from free memory on CUDA). A job that fails on a transient storage error is
-    retried 3 times, after about ``retry_delay`` x 1, 2 and 4 seconds (jittered).
+    float32 and 1 in bf16, from free memory on CUDA). A job that fails on a
+    transient storage error is retried 3 times, after about ``retry_delay`` x
+    1, 2 and 4 seconds (jittered).
     With a Dask task runner (``flows.dask.catalog_on_dask``) each job runs
     on a worker's GPU instead, and ``devices``/``workers`` are refused. Fails
     after every job has finished when more than ``max_failures`` jobs failed.

@@ -134,8 +134,9 @@ BYTES_PER_PIXEL = {torch.bfloat16: 3500, torch.float32: 6000}
 
 
 #: Images per batch on the CPU in float32. Two images per oneDNN call keep the
-#: cores busier than one (benchmarks/engine.py at 512 px: 0.91x the time per
-#: image, 2026-11-27); in bfloat16 a batch of two was slower (1.16x), so 1.
+#: cores busier than one: 0.91x and 0.98x the time per image in two runs of
+#: benchmarks/engine.py at 512 px (2026-11-27), for about 1.45x the peak RSS.
+#: In bfloat16 a batch of two was 1.16x and 1.01x, so 1.
 CPU_FLOAT32_BATCH = 2
 
 

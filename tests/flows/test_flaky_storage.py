@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from pathlib import Path
 
 import pytest
 from faults import FaultProxy
 
-from flows.catalog import CatalogFailed, stylize_catalog
+import flows.catalog as catalog
+from flows.catalog import WRITE_RETRIES, CatalogFailed, finish_alone, stylize_catalog
 from stylize import images, metadata
-from stylize.jobs import key_for, read_inputs
+from stylize.errors import Cancelled, TransientStorageError
+from stylize.jobs import Outcome, key_for, read_inputs
 from stylize.manifest import load_manifest
 from stylize.storage import Storage
 
@@ -88,3 +91,45 @@ def test_a_key_that_always_fails_fails_its_job_only(s3, bucket, s3_server, tmp_p
     assert direct.read(f"s3://{bucket}/out/cat__starry.png") == old_image
     for name in ("cat__wreck", "astronaut__starry", "astronaut__wreck"):
         assert json.loads(direct.read(f"s3://{bucket}/out/{name}.json"))["settings"]["iterations"] == 3
+
+
+class _Prepared:
+    """What ``finish_alone`` reads of a prepared job."""
+
+    def __init__(self, name: str):
+        self.job = type("Job", (), {"name": name})()
+        self.started = 0.0
+
+
+def _writes(monkeypatch, fail_times: int) -> list[str]:
+    """Make ``finish`` fail transiently ``fail_times`` times, then succeed; return its calls."""
+    calls = []
+
+    def finish(prepared, result, storage):
+        calls.append(prepared.job.name)
+        if len(calls) <= fail_times:
+            raise TransientStorageError(f"s3://b/out/{prepared.job.name}.png: S3 error SlowDown")
+        return Outcome(prepared.job.name, "done", 1.0)
+
+    monkeypatch.setattr(catalog, "finish", finish)
+    return calls
+
+
+def test_a_batched_write_is_retried_alone(monkeypatch):
+    calls = _writes(monkeypatch, fail_times=2)
+    assert finish_alone(_Prepared("a"), None, None, retry_delay=0).status == "done"
+    assert calls == ["a"] * 3
+
+    calls = _writes(monkeypatch, fail_times=100)
+    outcome = finish_alone(_Prepared("b"), None, None, retry_delay=0)
+    assert (outcome.status, outcome.error) == ("failed", "s3://b/out/b.png: S3 error SlowDown")
+    assert len(calls) == 1 + WRITE_RETRIES
+
+
+def test_a_batched_write_stops_waiting_when_cancelled(monkeypatch):
+    calls = _writes(monkeypatch, fail_times=100)
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(Cancelled, match="c: interrupted before its outputs were written"):
+        finish_alone(_Prepared("c"), None, None, retry_delay=60, cancel=cancel)
+    assert calls == ["c"]
