@@ -159,20 +159,21 @@ def finish_alone(prepared, result, storage: Storage, retry_delay: float,
     """Write one batched job's outputs, retrying transient storage errors like a task would
     (``WRITE_RETRIES`` more tries, after about ``retry_delay`` x 1, 2 and 4 s, jittered);
     when they run out, the job fails with the last error and its batch-mates are unaffected."""
-    job, attempt = prepared.job, 0
+    job = prepared.job
+    delays = iter(exponential_backoff(retry_delay)(WRITE_RETRIES))  # the tasks' own schedule
     while True:
         try:
             return guarded(job, prepared.started, lambda: finish(prepared, result, storage))
         except TransientStorageError as exc:
-            if attempt == WRITE_RETRIES:
+            delay = next(delays, None)
+            if delay is None:
                 log.info("job %s failed: %s", job.name, exc)
                 return Outcome(job.name, "failed", time.perf_counter() - prepared.started, error=str(exc))
-            delay = retry_delay * 2**attempt * (1 + 0.5 * random.random())
+            delay *= 1 + 0.5 * random.random()  # jittered as the tasks' retry_jitter_factor=0.5
             log.info("job %s: %s; writing again in %.1f s", job.name, exc, delay)
             stopped = cancel.wait(delay) if cancel is not None else time.sleep(delay)
             if stopped:
                 raise Cancelled(f"{job.name}: interrupted before its outputs were written") from exc
-            attempt += 1
 
 
 def _groups(jobs: list[Job], per_batch: int) -> list[list[Job]]:
