@@ -21,7 +21,7 @@ COPY flows ./flows
 # package: loading them here fails a broken build, and nothing is downloaded at run time.
 RUN pip install --no-cache-dir "./[dask]" "torchvision==0.22.1" \
     && python -c "import torch; assert torch.__version__.startswith('2.7.1'), torch.__version__" \
-    && python -c "from stylize.features import resolve_weights; w = resolve_weights('caffe'); print(len(w.state_dict()), 'VGG19 tensors from', w.source)"
+    && python -c "from stylize.engine.features import resolve_weights; w = resolve_weights('caffe'); print(len(w.state_dict()), 'VGG19 tensors from', w.source)"
 
 RUN groupadd --gid 10001 stylize \
     && useradd --create-home --uid 10001 --gid 10001 stylize

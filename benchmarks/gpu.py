@@ -30,10 +30,10 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from stylize import images
-from stylize.features import LAYERS
-from stylize.optimize import Engine
-from stylize.settings import Settings
+from stylize.engine import images
+from stylize.engine.features import LAYERS
+from stylize.engine.optimize import Engine
+from stylize.engine.settings import Settings
 
 DATA = Path(__file__).resolve().parent.parent / "tests" / "data"
 DEMO = Path(__file__).resolve().parent.parent / "manifests" / "demo"

@@ -3,7 +3,7 @@
 Runs 2,000 tiny jobs (32 px, 1 iteration, distinct photos, one style) through
 the ``stylize-catalog`` flow in this process and prints the process's resident
 memory (VmRSS) every 250 finished jobs, sampled when the flow reports the job
-on the ``stylize.progress`` logger. The target: RSS at the end within 5% of
+on the ``stylize.app.view`` logger. The target: RSS at the end within 5% of
 RSS after the first 250 jobs (by then the model, Prefect's client and the
 allocator's pools are warm; what grows after that grows with the jobs).
 
@@ -66,7 +66,7 @@ def main() -> None:
                             "grid:\n  contents: [photos/]\n  styles: [style.png]\n")
         from flows.catalog import stylize_catalog
 
-        progress = logging.getLogger("stylize.progress")
+        progress = logging.getLogger("stylize.app.view")
         sampler = RssSampler(args.every)
         progress.addHandler(sampler)
         progress.setLevel(logging.INFO)

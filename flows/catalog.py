@@ -12,7 +12,7 @@ others go on. When the run is interrupted (Ctrl+C, or SIGTERM, which Prefect
 raises in the flow as ``TerminationSignal``) the running jobs stop at their
 next iteration, so the process exits promptly with nothing half-written.
 
-Progress goes to the ``stylize.progress`` logger (the CLI draws it), and the
+Progress goes to the ``stylize.app.view`` logger (the CLI draws it), and the
 run ends with table, markdown and progress artifacts and a summary JSON at
 ``OUTPUT/_runs/<flow-run-id>.json``.
 """
@@ -38,15 +38,15 @@ from prefect.futures import as_completed
 from prefect.tasks import exponential_backoff
 
 from stylize.errors import Cancelled, ConfigError, StylizeError, TransientStorageError
-from stylize.jobs import Outcome, batch_key, finish, guarded, prepare
-from stylize.manifest import Job, Manifest, in_shard, load_manifest, parse_shard, storage_for
-from stylize.storage import Storage, join
+from stylize.catalog.jobs import Outcome, batch_key, finish, guarded, prepare
+from stylize.catalog.manifest import Job, Manifest, in_shard, load_manifest, parse_shard, storage_for
+from stylize.catalog.storage import Storage, join
 
 from .dask import cluster_gpus, dask_client, job_resources, worker_device
 from .devices import plan_devices, pool_for, runner_for
 
 log = logging.getLogger(__name__)
-progress_log = logging.getLogger("stylize.progress")
+progress_log = logging.getLogger("stylize.app.view")
 
 #: Rows kept for the table artifact; the summary JSON keeps every failure.
 TABLE_ROWS = 500
@@ -190,7 +190,7 @@ def _images_per_batch(requested: int | None, slots: list[str] | None, jobs: list
         return requested
     if not slots or not jobs:
         return 1
-    from stylize.optimize import max_batch, resolve_device, resolve_precision
+    from stylize.engine.optimize import max_batch, resolve_device, resolve_precision
 
     device = resolve_device(slots[0])
     s = next((j.settings for j in jobs if j.settings is not None), None)  # refused jobs have none

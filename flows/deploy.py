@@ -30,8 +30,8 @@ from prefect.deployments import run_deployment
 from prefect.schedules import Cron, Schedule
 
 from stylize.errors import ConfigError, NotFoundError, StylizeError
-from stylize.manifest import storage_for
-from stylize.storage import join
+from stylize.catalog.manifest import storage_for
+from stylize.catalog.storage import join
 
 from .catalog import load, stylize_catalog
 

@@ -15,7 +15,7 @@ import threading
 from typing import Iterator, Sequence
 
 from stylize.errors import ConfigError
-from stylize.jobs import JobRunner
+from stylize.catalog.jobs import JobRunner
 
 
 def plan_devices(devices: Sequence[str] | None = None, workers: int | None = None) -> list[str]:

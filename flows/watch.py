@@ -1,7 +1,7 @@
 """The storage-event watcher: S3 notifications from an SQS queue start catalog runs.
 
 ``Watcher`` long-polls the queue. Each message is parsed and routed by
-``stylize.events``: a new manifest starts a run at once; new images are held
+``stylize.catalog.events``: a new manifest starts a run at once; new images are held
 in a ``Debouncer`` and start one incremental run of the standing manifest
 when the uploads pause. Runs start through a deployment (``DeploymentRuns``:
 ``run_deployment`` with an idempotency key, not waiting) or here
@@ -27,10 +27,10 @@ import boto3
 from botocore import exceptions as bex
 
 from stylize.errors import ConfigError
-from stylize.events import (
+from stylize.catalog.events import (
     Debouncer, ObjectEvent, Routes, RunLedger, RunRequest, parse_message, split_deployment_name,
 )
-from stylize.manifest import load_manifest
+from stylize.catalog.manifest import load_manifest
 
 log = logging.getLogger("stylize.watch")
 
@@ -133,7 +133,7 @@ class Watcher:
     """Consumes S3 notifications from the SQS queue at ``queue_url`` and starts runs.
 
     ``debounce`` and ``max_wait`` shape the image batches (see
-    ``stylize.events.Debouncer``); ``wait_seconds`` is the SQS long-poll time;
+    ``stylize.catalog.events.Debouncer``); ``wait_seconds`` is the SQS long-poll time;
     ``retry_after`` is how long a message whose run could not start stays
     hidden before SQS delivers it again. ``sqs`` is a boto3 SQS client
     (default: from the environment, in the queue's region); ``clock`` drives

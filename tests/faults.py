@@ -202,7 +202,7 @@ def start_run(manifest: Path | str, env: dict[str, str], *args: str, log: Path |
     """Start ``stylize run MANIFEST --quiet ARGS`` in a child process (stdout and stderr to ``log``)."""
     out = open(log, "wb") if log is not None else subprocess.DEVNULL
     try:
-        return subprocess.Popen([sys.executable, "-m", "stylize.cli", "run", str(manifest), "--quiet", *args],
+        return subprocess.Popen([sys.executable, "-m", "stylize.app.cli", "run", str(manifest), "--quiet", *args],
                                 env=env, stdout=out, stderr=subprocess.STDOUT, cwd=Path(__file__).parent.parent)
     finally:
         if log is not None:

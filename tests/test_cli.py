@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from stylize.cli import build_parser, main
+from stylize.app.cli import build_parser, main
 
 DATA = Path(__file__).parent / "data"
 FAST = ["--size", "32", "--iterations", "2", "--scales", "1", "--precision", "float32"]

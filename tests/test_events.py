@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from stylize.errors import ConfigError, PrefectApiError
-from stylize.events import (
+from stylize.catalog.events import (
     LAMBDA_ENV, Debouncer, ObjectEvent, PrefectApi, RunLedger, Routes, handler, idempotency_key,
     parse_event, parse_message,
 )
@@ -270,6 +270,6 @@ def test_handler_needs_its_environment(monkeypatch):
 
 
 def test_events_module_imports_neither_prefect_nor_torch():
-    code = "import sys, stylize.events; print(sorted({'prefect', 'torch'} & set(sys.modules)))"
+    code = "import sys, stylize.catalog.events; print(sorted({'prefect', 'torch'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

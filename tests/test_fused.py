@@ -6,9 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
-from stylize.losses import gram
-from stylize.optimize import Engine, Objective, run_features
-from stylize.settings import Settings
+from stylize.engine.losses import gram
+from stylize.engine.optimize import Engine, Objective, run_features
+from stylize.engine.settings import Settings
 
 DATA = Path(__file__).parent / "data"
 

@@ -11,11 +11,11 @@ import pytest
 import torch
 import yaml
 
-from stylize import manifest as manifest_module
+from stylize.catalog import manifest as manifest_module
 from stylize.errors import ManifestError, StorageError
-from stylize.jobs import JobRunner, Prepared, prepare
-from stylize.manifest import load_manifest, validate
-from stylize.storage import Storage, check_below
+from stylize.catalog.jobs import JobRunner, Prepared, prepare
+from stylize.catalog.manifest import load_manifest, validate
+from stylize.catalog.storage import Storage, check_below
 
 DATA = Path(__file__).parent / "data"
 ROOT = Path(__file__).parent.parent

@@ -5,7 +5,7 @@ import io
 import pytest
 from PIL import Image
 
-from stylize import images
+from stylize.engine import images
 from stylize.errors import ConfigError, InputError
 
 

@@ -2,7 +2,7 @@
 
 import torch
 
-from stylize.losses import ContentLoss, StyleLoss, TVLoss, gram
+from stylize.engine.losses import ContentLoss, StyleLoss, TVLoss, gram
 
 
 def test_gram_of_known_matrix():

@@ -1,4 +1,4 @@
-"""stylize.malloc: freed tensors' pages stay mapped, so reallocating them costs no page faults."""
+"""stylize.engine.malloc: freed tensors' pages stay mapped, so reallocating them costs no page faults."""
 
 import json
 import os
@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from stylize.malloc import user_tunes_malloc
+from stylize.engine.malloc import user_tunes_malloc
 
 glibc_only = pytest.mark.skipif(
     platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's malloc only"
@@ -19,7 +19,7 @@ glibc_only = pytest.mark.skipif(
 PROBE = """
 import json, resource, sys
 import torch
-from stylize.optimize import Engine
+from stylize.engine.optimize import Engine
 state = Engine("cpu", retain_memory=sys.argv[1] == "1").malloc
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt

@@ -8,9 +8,9 @@ import textwrap
 import pytest
 
 from stylize.errors import ConfigError, ManifestError
-from stylize.manifest import Job, in_shard, load_manifest, parse_shard, storage_for, validate
-from stylize.settings import Settings
-from stylize.storage import Storage
+from stylize.catalog.manifest import Job, in_shard, load_manifest, parse_shard, storage_for, validate
+from stylize.engine.settings import Settings
+from stylize.catalog.storage import Storage
 
 
 def write(path, text: str) -> str:

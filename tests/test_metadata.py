@@ -7,14 +7,14 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
 import stylize
-from stylize.manifest import Job
-from stylize.metadata import SCHEMA, build_metadata, encode, is_complete, job_key, read_metadata, sha256
-from stylize.settings import Settings
-from stylize.storage import Storage
+from stylize.catalog.manifest import Job
+from stylize.catalog.metadata import SCHEMA, build_metadata, encode, is_complete, job_key, read_metadata, sha256
+from stylize.engine.settings import Settings
+from stylize.catalog.storage import Storage
 
 
 @dataclass
-class Record:  # the shape of stylize.optimize.Record
+class Record:  # the shape of stylize.engine.optimize.Record
     iteration: int
     scale: int
     total: float
@@ -124,9 +124,9 @@ def check_completeness(storage: Storage, output: str, image: bytes) -> None:
 
     finish(storage, job, key, image)
     meta = read_metadata(storage, job.metadata_uri)
-    storage.write(job.metadata_uri, encode({**meta, "schema": "stylize.metadata/v0"}))
+    storage.write(job.metadata_uri, encode({**meta, "schema": "stylize.catalog.metadata/v0"}))
     assert not is_complete(storage, job, key)
-    storage.write(job.metadata_uri, b'{"schema": "stylize.metadata/v1", "key": "')  # half-written
+    storage.write(job.metadata_uri, b'{"schema": "stylize.catalog.metadata/v1", "key": "')  # half-written
     assert not is_complete(storage, job, key)
 
 

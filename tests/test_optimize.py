@@ -7,10 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
-from stylize import images
+from stylize.engine import images
 from stylize.errors import InputError, OptimizationError
-from stylize.optimize import BatchedLBFGS, Engine, level_sizes
-from stylize.settings import Settings
+from stylize.engine.optimize import BatchedLBFGS, Engine, level_sizes
+from stylize.engine.settings import Settings
 
 DATA = Path(__file__).parent / "data"
 
@@ -204,7 +204,7 @@ def test_judge_prefers_the_optimized_image(engine, cat, starry):
 
 
 def test_cpu_batches_float32_in_pairs_when_memory_allows(monkeypatch):
-    from stylize import optimize
+    from stylize.engine import optimize
 
     cpu, pixels = torch.device("cpu"), 512 * 512
     per_image = optimize.BYTES_PER_PIXEL[torch.float32] * pixels
@@ -218,7 +218,7 @@ def test_cpu_batches_float32_in_pairs_when_memory_allows(monkeypatch):
 
 
 def test_available_memory_reads_meminfo():
-    from stylize.optimize import available_memory
+    from stylize.engine.optimize import available_memory
 
     free = available_memory()
     if sys.platform == "linux":

@@ -18,8 +18,8 @@ import pytest
 import torch
 from PIL import Image
 
-from stylize.optimize import Engine
-from stylize.settings import Settings
+from stylize.engine.optimize import Engine
+from stylize.engine.settings import Settings
 
 DATA = Path(__file__).parent / "data"
 

@@ -10,7 +10,7 @@ import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
 
 from stylize.errors import NotFoundError, StorageError, TransientStorageError
-from stylize.storage import ObjectInfo, Storage, _s3_error, is_s3, join, parent
+from stylize.catalog.storage import ObjectInfo, Storage, _s3_error, is_s3, join, parent
 
 
 @pytest.fixture

@@ -9,8 +9,8 @@ import pytest
 from faults import TRANSIENT, FaultProxy
 
 from stylize.errors import TransientStorageError
-from stylize.manifest import load_manifest, parse_manifest, storage_for
-from stylize.storage import Storage
+from stylize.catalog.manifest import load_manifest, parse_manifest, storage_for
+from stylize.catalog.storage import Storage
 
 BODY = bytes(range(256)) * 40  # 10 KiB, so a truncated answer is visibly short
 

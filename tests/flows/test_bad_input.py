@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from stylize import images
-from stylize.cli import main
+from stylize.engine import images
+from stylize.app.cli import main
 
 DATA = Path(__file__).parent.parent / "data"
 FAST = {"size": 32, "iterations": 2, "scales": 1, "precision": "float32"}
@@ -78,12 +78,12 @@ GOOD = ["grey__starry", "cmyk__starry", "deep__starry", "palette__starry", "anim
 
 @pytest.fixture
 def warnings():
-    """Messages of the warnings stylize.images logs (Prefect reconfigures the root logger
+    """Messages of the warnings stylize.engine.images logs (Prefect reconfigures the root logger
     during a run, so caplog's handler there would miss them)."""
     messages: list[str] = []
     handler = logging.Handler(logging.WARNING)
     handler.emit = lambda record: messages.append(record.getMessage())
-    logger = logging.getLogger("stylize.images")
+    logger = logging.getLogger("stylize.engine.images")
     logger.addHandler(handler)
     yield messages
     logger.removeHandler(handler)

@@ -11,7 +11,7 @@ from faults import FaultProxy
 
 from flows.catalog import CatalogFailed, stylize_catalog
 from flows.devices import runner_for
-from stylize.cli import main
+from stylize.app.cli import main
 
 DATA = Path(__file__).parent.parent / "data"
 FAST = {"size": 32, "iterations": 2, "scales": 1, "precision": "float32"}
@@ -55,7 +55,7 @@ def test_local_catalog_then_rerun_skips_everything(catalog):
     names = {f"{c}__{s}" for c in ("cat", "astronaut") for s in ("starry_night", "shipwreck")}
     assert outputs(out) == {f"{n}.png" for n in names} | {f"{n}.json" for n in names}
     meta = json.loads((out / "cat__shipwreck.json").read_text())
-    assert meta["schema"] == "stylize.metadata/v1"
+    assert meta["schema"] == "stylize.catalog.metadata/v1"
     assert meta["losses"]["iteration"] == [0, 1, 2]
     run_summary = json.loads((out / "_runs" / f"{summary['flow_run_id']}.json").read_text())
     assert run_summary["counts"]["done"] == 4
@@ -174,7 +174,7 @@ def test_batched_jobs_match_unbatched(catalog, tmp_path):
     """images_per_batch changes how jobs share the device, not the pictures."""
     from PIL import Image
 
-    from stylize import images
+    from stylize.engine import images
 
     # A second photo of the cat's size, so that two jobs per style share one VGG19 batch.
     Image.open(DATA / "chelsea.png").transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(catalog.parent / "photos" / "cat2.png")

@@ -17,8 +17,8 @@ import boto3
 import pytest
 from faults import FaultProxy, cli_env, kill, start_run, wait_until
 
-from stylize import images
-from stylize.storage import is_listed_image
+from stylize.engine import images
+from stylize.catalog.storage import is_listed_image
 
 pytestmark = pytest.mark.slow
 

@@ -13,7 +13,7 @@ from distributed import Client, Nanny, Scheduler, SpecCluster, WorkerPlugin
 
 from flows.catalog import stylize_catalog
 from flows.dask import catalog_on_dask
-from stylize.cli import main
+from stylize.app.cli import main
 from stylize.errors import ConfigError
 
 DATA = Path(__file__).parent.parent / "data"

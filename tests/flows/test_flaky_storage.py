@@ -13,11 +13,12 @@ from faults import FaultProxy
 
 import flows.catalog as catalog
 from flows.catalog import WRITE_RETRIES, CatalogFailed, finish_alone, stylize_catalog
-from stylize import images, metadata
+from stylize.engine import images
+from stylize.catalog import metadata
 from stylize.errors import Cancelled, TransientStorageError
-from stylize.jobs import Outcome, key_for, read_inputs
-from stylize.manifest import load_manifest
-from stylize.storage import Storage
+from stylize.catalog.jobs import Outcome, key_for, read_inputs
+from stylize.catalog.manifest import load_manifest
+from stylize.catalog.storage import Storage
 
 DATA = Path(__file__).parent.parent / "data"
 FAST = {"size": 32, "iterations": 2, "scales": 1, "precision": "float32"}

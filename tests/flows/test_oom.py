@@ -13,10 +13,10 @@ import torch
 
 from flows.catalog import CatalogFailed, stylize_catalog
 from flows.devices import runner_for
-from stylize.jobs import JobRunner
-from stylize.manifest import load_manifest
-from stylize.optimize import Engine
-from stylize.storage import Storage
+from stylize.catalog.jobs import JobRunner
+from stylize.catalog.manifest import load_manifest
+from stylize.engine.optimize import Engine
+from stylize.catalog.storage import Storage
 
 DATA = Path(__file__).parent.parent / "data"
 

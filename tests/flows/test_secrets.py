@@ -53,7 +53,7 @@ pairs:
   - {{content: astronaut.png, style: starry.jpg}}
 """)
         # -v: DEBUG logging, where botocore would print request headers (the session token).
-        run = subprocess.run([sys.executable, "-m", "stylize.cli", "-v", "run", str(manifest), "--quiet"],
+        run = subprocess.run([sys.executable, "-m", "stylize.app.cli", "-v", "run", str(manifest), "--quiet"],
                              env=env, capture_output=True, text=True, timeout=240)
     assert run.returncode == 1, run.stderr[-3000:]
     assert "cat__starry" in run.stdout and "access denied (AccessDenied)" in run.stdout

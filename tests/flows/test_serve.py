@@ -27,7 +27,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.utilities.templating import apply_values
 
 from flows.deploy import ShardsFailed, stylize_sharded
-from stylize.cli import main
+from stylize.app.cli import main
 from stylize.errors import ConfigError
 
 ROOT = Path(__file__).parent.parent.parent
@@ -118,7 +118,7 @@ def served(server, catalog, tmp_path_factory):
     home = tmp_path_factory.mktemp("prefect-serve")
     out = catalog.parent / "served"
     log = home / "serve.log"
-    command = [sys.executable, "-m", "stylize.cli", "serve", str(catalog), "--name", "test-nightly",
+    command = [sys.executable, "-m", "stylize.app.cli", "serve", str(catalog), "--name", "test-nightly",
                "--cron", "30 3 * * 1-5", "--timezone", "Europe/Paris", "--output", str(out),
                "--iterations", "1", "--max-failures", "1"]
     env = prefect_env(home, PREFECT_API_URL=server, PREFECT_RUNNER_POLL_FREQUENCY="1")

@@ -13,9 +13,9 @@ import pytest
 
 from flows.catalog import stylize_catalog
 from flows.watch import DeploymentRuns, InProcessRuns, Watcher, check_standing_manifest
-from stylize.cli import main
+from stylize.app.cli import main
 from stylize.errors import ConfigError, PrefectApiError
-from stylize.events import ObjectEvent, Routes, RunLedger, handler
+from stylize.catalog.events import ObjectEvent, Routes, RunLedger, handler
 
 DATA = Path(__file__).parent.parent / "data"
 FAST = {"size": 32, "iterations": 2, "scales": 1, "precision": "float32"}

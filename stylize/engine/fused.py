@@ -18,7 +18,7 @@ but the convolutions is bound by memory bandwidth:
   not kept.
 * No autograd graph is recorded for the VGG pass.
 
-The losses and their normalization are exactly those of ``stylize.losses``;
+The losses and their normalization are exactly those of ``stylize.engine.losses``;
 ``tests/test_fused.py`` checks values and gradients against the autograd
 reference.
 """
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .features import LAYER_INDEX, VGG19Features
+from stylize.engine.features import LAYER_INDEX, VGG19Features
 
 
 @dataclass(frozen=True)

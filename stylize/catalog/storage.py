@@ -28,7 +28,7 @@ from boto3.s3.transfer import TransferConfig
 from botocore import exceptions as bex
 from botocore.config import Config
 
-from .errors import NotFoundError, StorageError, TransientStorageError
+from stylize.errors import NotFoundError, StorageError, TransientStorageError
 
 # S3 error codes that a later retry may fix. botocore's "standard" retry mode
 # already retried these; if they still surface, the caller may retry the task.

@@ -15,15 +15,15 @@ import math
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-from .errors import NotFoundError
-from .settings import Settings
+from stylize.errors import NotFoundError
+from stylize.engine.settings import Settings
 
 if TYPE_CHECKING:
-    from .manifest import Job
-    from .storage import Storage
+    from stylize.catalog.manifest import Job
+    from stylize.catalog.storage import Storage
 
-SCHEMA = "stylize.metadata/v1"
-# Per-iteration loss columns, in the order of stylize.optimize.Record's fields.
+SCHEMA = "stylize.catalog.metadata/v1"
+# Per-iteration loss columns, in the order of stylize.engine.optimize.Record's fields.
 LOSS_COLUMNS = ("iteration", "scale", "total", "content", "style", "tv", "seconds")
 
 
@@ -63,7 +63,7 @@ def build_metadata(
     """The metadata document for one finished job.
 
     ``inputs`` is ``{"content": {"uri", "sha256", "size"}, "styles": [...]}``.
-    ``records`` are per-iteration objects (``stylize.optimize.Record`` or any
+    ``records`` are per-iteration objects (``stylize.engine.optimize.Record`` or any
     object or dict with the ``LOSS_COLUMNS``), stored column-wise, which is
     compact and loads straight into a dataframe. Naive datetimes are taken as UTC.
     """

@@ -27,13 +27,13 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-from . import images
-from .errors import Cancelled, ConfigError, InputError, OptimizationError
-from .features import LAYER_INDEX, VGG19Features, min_side, resolve_weights
-from .fused import LossSpec, feature_losses
-from .losses import ContentLoss, StyleLoss, TVLoss, gram
-from .malloc import retain_freed_memory
-from .settings import Settings
+from stylize.engine import images
+from stylize.errors import Cancelled, ConfigError, InputError, OptimizationError
+from stylize.engine.features import LAYER_INDEX, VGG19Features, min_side, resolve_weights
+from stylize.engine.fused import LossSpec, feature_losses
+from stylize.engine.losses import ContentLoss, StyleLoss, TVLoss, gram
+from stylize.engine.malloc import retain_freed_memory
+from stylize.engine.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -289,7 +289,7 @@ class Objective(nn.Module):
         self.channels_last = channels_last
         self.fused = fused
         wc, ws, _ = self.weights
-        # The same losses and weights for the fused pass (see stylize.fused).
+        # The same losses and weights for the fused pass (see stylize.engine.fused).
         self.spec = LossSpec(
             content={n: (self.content[n].target, wc / len(self.content_layers)) for n in self.content_layers},
             style={n: (self.style[n].target, ws * self.layer_weights[n]) for n in self.style_layers},
@@ -389,11 +389,11 @@ class Engine:
         on this CPU in float32). On CUDA, ``tf32`` lets float32 convolutions use TF32 tensor
         cores and ``cudnn_benchmark`` picks the fastest algorithm per shape (both process-wide
         switches in torch). ``compile`` wraps the network in ``torch.compile``. ``fused``
-        computes the losses' gradient with ``stylize.fused``'s hand-written backward pass
+        computes the losses' gradient with ``stylize.engine.fused``'s hand-written backward pass
         instead of autograd (same values, less memory traffic); ``compile`` turns it off,
         as the compiler needs the autograd graph. ``retain_memory``, on CPU, keeps freed memory
         mapped in the process so that each iteration reuses the last one's pages (about 8%
-        faster in float32 at 512 px; a process-wide glibc setting, see ``stylize.malloc``)."""
+        faster in float32 at 512 px; a process-wide glibc setting, see ``stylize.engine.malloc``)."""
         self.device = device if isinstance(device, torch.device) else resolve_device(device)
         self.channels_last = channels_last and self.device.type in ("cpu", "cuda")
         self.compile = compile

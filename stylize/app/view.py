@@ -1,6 +1,6 @@
 """What ``stylize run`` shows: a progress bar over jobs and the current job's iteration.
 
-The catalog flow reports on the ``stylize.progress`` logger (events "job"
+The catalog flow reports on the ``stylize.app.view`` logger (events "job"
 and "iteration" with structured ``extra``); ``RunView`` listens there, so the
 flow needs no knowledge of terminals and the view none of Prefect.
 """
@@ -12,7 +12,7 @@ import os
 import sys
 from typing import Any
 
-PROGRESS_LOGGER = "stylize.progress"
+PROGRESS_LOGGER = "stylize.app.view"
 
 
 def quiet_prefect() -> None:
@@ -27,7 +27,7 @@ def quiet_prefect() -> None:
 
 
 class RunView(logging.Handler):
-    """Draws the run's progress from ``stylize.progress`` records (on stderr, when it is a terminal)."""
+    """Draws the run's progress from ``stylize.app.view`` records (on stderr, when it is a terminal)."""
 
     def __init__(self, *, enabled: bool = True):
         super().__init__(level=logging.DEBUG)

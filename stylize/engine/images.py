@@ -19,7 +19,7 @@ import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
-from .errors import ConfigError, InputError
+from stylize.errors import ConfigError, InputError
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ from typing import Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
-from .errors import ConfigError, WeightsError
+from stylize.errors import ConfigError, WeightsError
 
 # (name, kind) in torchvision's ``vgg19().features`` order; kind is conv/relu/pool.
 _BLOCKS = (2, 2, 4, 4, 4)

@@ -18,7 +18,7 @@ import threading
 from pathlib import Path
 from typing import Sequence
 
-from .errors import StylizeError
+from stylize.errors import StylizeError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 EXIT_INTERRUPTED, EXIT_TERMINATED = 128 + signal.SIGINT, 128 + signal.SIGTERM
@@ -136,8 +136,8 @@ def settings_from(overrides: dict):
     """Validate overrides into Settings; errors name the flag."""
     from pydantic import ValidationError
 
-    from .errors import ConfigError
-    from .settings import Settings, settings_error_problems
+    from stylize.errors import ConfigError
+    from stylize.engine.settings import Settings, settings_error_problems
 
     try:
         return Settings(**overrides)
@@ -148,10 +148,10 @@ def settings_from(overrides: dict):
 
 def cmd_image(args: argparse.Namespace) -> int:
     """stylize image CONTENT STYLE [STYLE ...] -o OUT"""
-    from . import images
-    from .jobs import JobRunner
-    from .manifest import Job
-    from .storage import Storage, parent
+    from stylize.engine import images
+    from stylize.catalog.jobs import JobRunner
+    from stylize.catalog.manifest import Job
+    from stylize.catalog.storage import Storage, parent
 
     overrides = engine_overrides(args)
     overrides["format"] = images.format_for(args.output)
@@ -223,7 +223,7 @@ class _IterationProgress:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``stylize`` argument parser with every subcommand."""
-    from . import __version__
+    from stylize import __version__
 
     parser = argparse.ArgumentParser(
         prog="stylize", description="Batch neural style transfer (Gatys et al.) on VGG19.",
@@ -253,7 +253,7 @@ def _extra_commands():
 
 def cmd_validate(args: argparse.Namespace) -> int:
     """stylize validate MANIFEST"""
-    from .manifest import validate
+    from stylize.catalog.manifest import validate
 
     count, problems = validate(args.manifest)
     if problems:
@@ -267,9 +267,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     """stylize plan MANIFEST: the jobs a run would do, and which it would skip."""
-    from . import metadata
-    from .jobs import key_for, read_inputs
-    from .manifest import in_shard, load_manifest, parse_shard, storage_for
+    from stylize.catalog import metadata
+    from stylize.catalog.jobs import key_for, read_inputs
+    from stylize.catalog.manifest import in_shard, load_manifest, parse_shard, storage_for
 
     doc = load_manifest(args.manifest)
     storage = storage_for(doc)
@@ -297,9 +297,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .errors import ConfigError
-    from .manifest import load_manifest, parse_shard
-    from .progress import RunView, quiet_prefect
+    from stylize.errors import ConfigError
+    from stylize.catalog.manifest import load_manifest, parse_shard
+    from stylize.app.view import RunView, quiet_prefect
 
     load_manifest(args.manifest)  # exit 2 on an invalid manifest before Prefect starts
     if args.shard:
@@ -379,13 +379,13 @@ def _register_catalog_commands(sub) -> None:
 
 def cmd_watch(args: argparse.Namespace) -> int:
     """stylize watch --queue-url URL: start catalog runs from S3 notifications."""
-    from .events import Routes, RunLedger
-    from .progress import quiet_prefect
+    from stylize.catalog.events import Routes, RunLedger
+    from stylize.app.view import quiet_prefect
 
     routes = Routes(manifest_prefix=args.manifest_prefix, images_prefix=args.images_prefix,
                     standing_manifest=args.standing_manifest)
     level = logging.DEBUG if args.verbose else logging.INFO
-    for name in ("stylize.watch", "stylize.events"):
+    for name in ("stylize.watch", "stylize.catalog.events"):
         logging.getLogger(name).setLevel(level)
     quiet_prefect()
     from flows.watch import DeploymentRuns, InProcessRuns, Watcher, check_standing_manifest
@@ -431,7 +431,7 @@ def _register_watch_command(sub) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """stylize serve MANIFEST: serve the catalog flow as a scheduled Prefect deployment, here."""
-    from .manifest import load_manifest, parse_shard
+    from stylize.catalog.manifest import load_manifest, parse_shard
 
     def absolute(uri: str) -> str:  # flow runs start in their own process, maybe elsewhere
         return uri if "://" in uri else os.path.abspath(uri)
@@ -483,7 +483,7 @@ def _register_serve_command(sub) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``stylize`` console script."""
-    from .errors import ManifestError
+    from stylize.errors import ManifestError
 
     parser = build_parser()
     args = parser.parse_args(argv)

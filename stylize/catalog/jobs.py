@@ -30,12 +30,14 @@ from typing import Any, Callable, Iterator, Literal, Sequence
 import torch
 from PIL import Image
 
-from . import __version__, images, metadata
-from .errors import (Cancelled, ConfigError, InputError, ResourceError, StorageError, StylizeError,
+from stylize import __version__
+from stylize.engine import images
+from stylize.catalog import metadata
+from stylize.errors import (Cancelled, ConfigError, InputError, ResourceError, StorageError, StylizeError,
                      TransientStorageError)
-from .manifest import Job
-from .optimize import Engine, Record, RecordCallback, StyleTargets, level_sizes
-from .storage import Storage, check_below
+from stylize.catalog.manifest import Job
+from stylize.engine.optimize import Engine, Record, RecordCallback, StyleTargets, level_sizes
+from stylize.catalog.storage import Storage, check_below
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from .features import LAYER_NAMES
+from stylize.engine.features import LAYER_NAMES
 
 Format = Literal["png", "jpeg", "webp"]
 
@@ -155,7 +155,7 @@ class Settings(BaseModel):
         """Normalized blend weights for ``n_styles`` style images."""
         weights = self.style_blend or (1.0,) * n_styles
         if len(weights) != n_styles:
-            from .errors import ConfigError
+            from stylize.errors import ConfigError
 
             raise ConfigError(
                 f"style_blend has {len(weights)} weights but there are {n_styles} style images"

@@ -6,7 +6,7 @@ A manifest is a YAML document (version 1), read from a local path or an
     version: 1
     output: out/demo                      # local folder or s3://bucket/prefix
     storage: {endpoint_url: ..., region: ...}   # optional, for S3
-    defaults: {size: 384}                 # any stylize.settings.Settings field
+    defaults: {size: 384}                 # any stylize.engine.settings.Settings field
     pairs:
       - content: content/astronaut.png
         style: styles/starry_night.jpg
@@ -50,9 +50,9 @@ from typing import Annotated, Any, Iterator, Mapping
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, ValidationError, field_validator
 
-from .errors import ConfigError, ManifestError, StorageError, TransientStorageError
-from .settings import Settings, settings_error_problems
-from .storage import IMAGE_EXTENSIONS, Storage, is_listed_image, is_s3, join, local_path, parent, split_s3
+from stylize.errors import ConfigError, ManifestError, StorageError, TransientStorageError
+from stylize.engine.settings import Settings, settings_error_problems
+from stylize.catalog.storage import IMAGE_EXTENSIONS, Storage, is_listed_image, is_s3, join, local_path, parent, split_s3
 
 VERSION = 1
 # Output file extension per Settings.format.
@@ -94,7 +94,7 @@ class _Strict(BaseModel):
 
 class StorageOptions(_Strict):
     """The manifest's ``storage`` block: where its S3 URIs are served from, and how
-    patiently (see ``stylize.storage.Storage``; unset keeps Storage's defaults)."""
+    patiently (see ``stylize.catalog.storage.Storage``; unset keeps Storage's defaults)."""
 
     endpoint_url: str | None = None
     region: str | None = None
@@ -665,7 +665,7 @@ def _unknown_key(key: str, known: tuple[str, ...], what: str, *, list_all: bool 
     if list_all:
         message += f" (expected one of: {', '.join(known)})"
     elif not close:
-        message += " (see stylize.settings.Settings for the list)"
+        message += " (see stylize.engine.settings.Settings for the list)"
     return message
 
 

@@ -23,7 +23,7 @@ that starts runs through the Prefect REST API.
 
 The SQS loop and in-process runs live in ``flows/watch.py``. This module
 imports neither Prefect nor torch, so a Lambda package needs only the
-standard library, boto3 (via ``stylize.storage``) and this package.
+standard library, boto3 (via ``stylize.catalog.storage``) and this package.
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ from datetime import datetime, timezone
 from typing import Any, Callable, Generic, Iterable, Iterator, Literal, Mapping, TypeVar
 from urllib.parse import quote, unquote_plus
 
-from .errors import ConfigError, PrefectApiError, StorageError
-from .storage import is_listed_image, is_s3, split_s3
+from stylize.errors import ConfigError, PrefectApiError, StorageError
+from stylize.catalog.storage import is_listed_image, is_s3, split_s3
 
 log = logging.getLogger(__name__)
 
@@ -617,7 +617,7 @@ def handler(event: Any, context: Any = None) -> dict[str, Any]:
     env = os.environ
     missing = [name for name in ("PREFECT_API_URL", "STYLIZE_DEPLOYMENT") if not env.get(name)]
     if missing:
-        raise ConfigError(f"stylize.events.handler: set {' and '.join(missing)} in the Lambda's environment")
+        raise ConfigError(f"stylize.catalog.events.handler: set {' and '.join(missing)} in the Lambda's environment")
     routes = Routes(**{field: env.get(name) or None for field, name in LAMBDA_ENV.items()}, options=LAMBDA_ENV)
     parsed = parse_event(event)
     for problem in parsed.problems:
