@@ -1,0 +1,45 @@
+"""The layers stay layers: the engine and the catalog never load Prefect or rich,
+and imports only point downward (engine < catalog < app and flows)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+# Imports every module of a package (subpackages too), then reports which top-level
+# packages and which stylize layers ended up loaded. A fresh interpreter, so that
+# nothing another test imported can hide or fake a load.
+_PROBE = """
+import importlib, json, pkgutil, sys
+package = importlib.import_module(sys.argv[1])
+modules = [m.name for m in pkgutil.walk_packages(package.__path__, package.__name__ + ".")]
+for name in modules:
+    importlib.import_module(name)
+loaded = {name.split(".")[0] for name in sys.modules}
+layers = {".".join(name.split(".")[:2]) for name in sys.modules if name.startswith("stylize.")}
+print(json.dumps({"modules": modules, "loaded": sorted(loaded), "layers": sorted(layers)}))
+"""
+
+
+def _import_all(package: str) -> dict:
+    out = subprocess.run([sys.executable, "-c", _PROBE, package], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("package", ["stylize.engine", "stylize.catalog"])
+def test_engine_and_catalog_load_neither_prefect_nor_rich(package):
+    found = _import_all(package)
+    assert len(found["modules"]) >= 4, f"expected {package} to have its modules, found {found['modules']}"
+    assert not {"prefect", "rich"} & set(found["loaded"]), (
+        f"importing every module of {package} loaded {sorted({'prefect', 'rich'} & set(found['loaded']))}"
+    )
+    assert "flows" not in found["loaded"], f"{package} imports the flows package"
+
+
+def test_imports_point_downward():
+    engine = _import_all("stylize.engine")["layers"]
+    assert "stylize.catalog" not in engine and "stylize.app" not in engine, f"the engine imports {engine}"
+    catalog = _import_all("stylize.catalog")["layers"]
+    assert "stylize.app" not in catalog, f"the catalog imports {catalog}"
