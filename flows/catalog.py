@@ -30,7 +30,7 @@ from datetime import datetime, timezone
 from itertools import islice
 from typing import Any, Iterable, Iterator
 
-from prefect import flow, task
+from prefect import Flow, flow, task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.context import get_run_context
@@ -42,7 +42,7 @@ from stylize.catalog.jobs import Outcome, batch_key, finish, guarded, prepare
 from stylize.catalog.manifest import Job, Manifest, in_shard, load_manifest, parse_shard, storage_for
 from stylize.catalog.storage import Storage, join
 
-from .dask import cluster_gpus, dask_client, job_resources, worker_device
+from .dask import cluster_gpus, dask_client, dask_task_runner, job_resources, worker_device
 from .devices import plan_devices, pool_for, runner_for
 
 log = logging.getLogger(__name__)
@@ -262,7 +262,7 @@ def stylize_catalog(
     float32 and 1 in bf16, from free memory on CUDA). A job that fails on a
     transient storage error is retried 3 times, after about ``retry_delay`` x
     1, 2 and 4 seconds (jittered).
-    With a Dask task runner (``flows.dask.catalog_on_dask``) each job runs
+    With a Dask task runner (``catalog_on_dask``) each job runs
     on a worker's GPU instead, and ``devices``/``workers`` are refused. Fails
     after every job has finished when more than ``max_failures`` jobs failed.
     Returns the run summary.
@@ -325,6 +325,12 @@ def stylize_catalog(
     if tally.counts["failed"] > max_failures:
         raise CatalogFailed(summary)
     return summary
+
+
+def catalog_on_dask(address: str = "local", *, n_workers: int | None = None) -> Flow:
+    """``stylize-catalog`` with its jobs on the Dask cluster at ``address``, or ``"local"``
+    (see ``flows.dask.dask_task_runner``)."""
+    return stylize_catalog.with_options(task_runner=dask_task_runner(address, n_workers=n_workers))
 
 
 def _summary(tally: _Tally, manifest: str, output: str, shard, slots, max_failures, began, seconds) -> dict:

@@ -1,9 +1,11 @@
 """The catalog flow's jobs on a Dask cluster: one job per GPU, on as many machines as it has.
 
-``catalog_on_dask(address)`` returns ``stylize-catalog`` with a ``DaskTaskRunner``
-(from the optional ``prefect-dask`` package, extra ``dask``): connected to an
-existing scheduler (``tcp://host:8786``) or, with ``"local"``, to a cluster of
-worker processes started on this machine for the run.
+``dask_task_runner(address)`` is a ``DaskTaskRunner`` (from the optional
+``prefect-dask`` package, extra ``dask``): connected to an existing scheduler
+(``tcp://host:8786``) or, with ``"local"``, to a cluster of worker processes
+started on this machine for the run; ``flows.catalog.catalog_on_dask`` is the
+flow with it. This module knows Dask, not the flow, so it imports nothing of
+``flows.catalog``.
 
 While the flow runs on Dask it submits every job under the annotation
 ``resources={"GPU": 1}`` (``job_resources``), so the scheduler starts a job
@@ -22,7 +24,6 @@ import os
 import sys
 from typing import Any, Iterator
 
-from prefect import Flow
 from prefect.context import get_run_context
 
 from stylize.errors import ConfigError
@@ -31,8 +32,8 @@ from stylize.errors import ConfigError
 GPU = "GPU"
 
 
-def catalog_on_dask(address: str = "local", *, n_workers: int | None = None) -> Flow:
-    """``stylize-catalog`` with its jobs on the Dask cluster at ``address``, or ``"local"``.
+def dask_task_runner(address: str = "local", *, n_workers: int | None = None):
+    """A ``DaskTaskRunner`` on the Dask cluster at ``address``, or ``"local"``.
 
     A local cluster has ``n_workers`` worker processes (default: one per GPU of
     this machine, each seeing only its own GPU; without GPUs, one CPU worker),
@@ -45,20 +46,16 @@ def catalog_on_dask(address: str = "local", *, n_workers: int | None = None) -> 
         raise ConfigError(
             "running on Dask needs the prefect-dask package; install it with: pip install 'stylize[dask]'"
         ) from None
-    from .catalog import stylize_catalog
-
     if address == "local":
-        runner = DaskTaskRunner(**local_cluster(n_workers))
-    elif n_workers is not None:
+        return DaskTaskRunner(**local_cluster(n_workers))
+    if n_workers is not None:
         raise ConfigError(
             f"the number of workers ({n_workers}) sizes a local Dask cluster only; the cluster at {address} "
             "has the workers that were started for it"
         )
-    elif "://" not in address:
+    if "://" not in address:
         raise ConfigError(f"Dask scheduler address {address!r}: expected 'local' or a URL like tcp://host:8786")
-    else:
-        runner = DaskTaskRunner(address=address)
-    return stylize_catalog.with_options(task_runner=runner)
+    return DaskTaskRunner(address=address)
 
 
 def local_cluster(n_workers: int | None = None) -> dict[str, Any]:

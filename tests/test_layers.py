@@ -1,11 +1,15 @@
 """The layers stay layers: the engine and the catalog never load Prefect or rich,
 and imports only point downward (engine < catalog < app and flows)."""
 
+import ast
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
 
 # Imports every module of a package (subpackages too), then reports which top-level
 # packages and which stylize layers ended up loaded. A fresh interpreter, so that
@@ -43,3 +47,24 @@ def test_imports_point_downward():
     assert "stylize.catalog" not in engine and "stylize.app" not in engine, f"the engine imports {engine}"
     catalog = _import_all("stylize.catalog")["layers"]
     assert "stylize.app" not in catalog, f"the catalog imports {catalog}"
+
+
+
+def _imported_modules(path: Path, package: str) -> set[str]:
+    """Every module that ``path`` imports, at the top or inside a function, as an absolute name."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            names.add(f"{package}.{base}".rstrip(".") if node.level else base)
+    return names
+
+
+def test_flows_dask_does_not_import_the_catalog_flow():
+    imported = _imported_modules(ROOT / "flows" / "dask.py", "flows")
+    assert "flows.catalog" not in imported, (
+        "flows/dask.py imports flows.catalog, which imports flows.dask: an import cycle; "
+        "the flow belongs in flows/catalog.py, the Dask runner in flows/dask.py"
+    )

@@ -312,7 +312,7 @@ def _run(args: argparse.Namespace) -> int:
 
     catalog, workers = stylize_catalog, args.workers
     if args.dask:
-        from flows.dask import catalog_on_dask
+        from flows.catalog import catalog_on_dask
 
         if args.device:
             raise ConfigError("--device picks this machine's devices; with --dask each job runs on a worker's GPU")

@@ -11,8 +11,7 @@ import pytest
 import torch
 from distributed import Client, Nanny, Scheduler, SpecCluster, WorkerPlugin
 
-from flows.catalog import stylize_catalog
-from flows.dask import catalog_on_dask
+from flows.catalog import catalog_on_dask, stylize_catalog
 from stylize.app.cli import main
 from stylize.errors import ConfigError
 
