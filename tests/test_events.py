@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 
 import pytest
 
-from stylize.errors import ConfigError, PrefectApiError
+from stylize.errors import ConfigError
 from stylize.catalog.events import (
-    LAMBDA_ENV, Debouncer, ObjectEvent, PrefectApi, RunLedger, Routes, handler, idempotency_key,
-    parse_event, parse_message,
+    Debouncer, ObjectEvent, RunLedger, Routes, idempotency_key, parse_event, parse_message,
 )
 
 
@@ -138,11 +136,6 @@ def test_routes_refuse_bad_settings(kwargs, message):
         Routes(**kwargs)
 
 
-def test_routes_name_the_lambda_variables():
-    with pytest.raises(ConfigError, match="STYLIZE_IMAGES_PREFIX needs STYLIZE_STANDING_MANIFEST"):
-        Routes(images_prefix="s3://b/p/", options=LAMBDA_ENV)
-
-
 def test_output_under_the_images_prefix_is_refused(routes):
     assert "would start new runs on themselves" in routes.output_problem("s3://bkt/photos/out")
     assert routes.output_problem("s3://bkt/photos") is not None
@@ -240,36 +233,8 @@ def test_ledger_claims_each_key_once_across_instances(tmp_path, routes):
     assert first.claim(request)
 
 
-# --- Lambda and the REST API without a server -------------------------------------------
-
-
-def closed_port_url() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return f"http://127.0.0.1:{port}/api"
-
-
-def test_unreachable_api_names_the_setting():
-    with pytest.raises(PrefectApiError, match="cannot reach the Prefect API .*check PREFECT_API_URL"):
-        PrefectApi(closed_port_url(), timeout=5).deployment_id("stylize-catalog/catalog")
-
-
-def test_handler_needs_its_environment(monkeypatch):
-    for name in ("PREFECT_API_URL", "STYLIZE_DEPLOYMENT", *LAMBDA_ENV.values()):
-        monkeypatch.delenv(name, raising=False)
-    with pytest.raises(ConfigError, match="set PREFECT_API_URL and STYLIZE_DEPLOYMENT"):
-        handler(notification(s3_record()), None)
-    monkeypatch.setenv("PREFECT_API_URL", closed_port_url())
-    monkeypatch.setenv("STYLIZE_DEPLOYMENT", "no-slash")
-    monkeypatch.setenv("STYLIZE_MANIFEST_PREFIX", "s3://bkt/manifests/")
-    # Nothing to start: no API call, so neither the bad name nor the dead API matters yet.
-    assert handler(notification(s3_record()), None)["ignored"] == 1
-    with pytest.raises(ConfigError, match="STYLIZE_DEPLOYMENT 'no-slash': expected 'flow name/deployment name'"):
-        handler(notification(s3_record(key="manifests/a.yaml")), None)
-
-
-def test_events_module_imports_neither_prefect_nor_torch():
-    code = "import sys, stylize.catalog.events; print(sorted({'prefect', 'torch'} & set(sys.modules)))"
+@pytest.mark.parametrize("module", ["stylize.catalog.events", "stylize.app.aws_lambda"])
+def test_events_and_lambda_modules_import_neither_prefect_nor_torch(module):
+    code = f"import sys, {module}; print(sorted({{'prefect', 'torch'}} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -15,7 +15,8 @@ from flows.catalog import stylize_catalog
 from flows.watch import DeploymentRuns, InProcessRuns, Watcher, check_standing_manifest
 from stylize.app.cli import main
 from stylize.errors import ConfigError, PrefectApiError
-from stylize.catalog.events import ObjectEvent, Routes, RunLedger, handler
+from stylize.app.aws_lambda import handler
+from stylize.catalog.events import ObjectEvent, Routes, RunLedger
 
 DATA = Path(__file__).parent.parent / "data"
 FAST = {"size": 32, "iterations": 2, "scales": 1, "precision": "float32"}
