@@ -10,7 +10,9 @@ import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
 
 from stylize.errors import NotFoundError, StorageError, TransientStorageError
-from stylize.catalog.storage import ObjectInfo, Storage, _s3_error, is_s3, join, parent
+from stylize.catalog.storage import (
+    ObjectInfo, Storage, _s3_error, glob_regex, is_s3, join, output_root, parent, relative_to, split_glob,
+)
 
 
 @pytest.fixture
@@ -19,6 +21,36 @@ def storage(s3_server):
 
 
 # --- pure URI helpers -------------------------------------------------------
+
+
+@pytest.mark.parametrize("uri, folder, pattern", [
+    ("s3://b/photos/*/x*.jpg", "s3://b/photos/", "*/x*.jpg"),
+    ("s3://b/*.png", "s3://b/", "*.png"),
+    ("/data/a/**/*.jpg", "/data/a/", "**/*.jpg"),
+])
+def test_split_glob_lists_the_folder_before_the_first_pattern(uri, folder, pattern):
+    assert split_glob(uri) == (folder, pattern)
+
+
+@pytest.mark.parametrize("pattern, path, matches", [
+    ("*.jpg", "a.jpg", True),
+    ("*.jpg", "sub/a.jpg", False),          # * stays within one folder
+    ("**/*.jpg", "sub/deeper/a.jpg", True),  # ** spans any depth
+    ("**/*.jpg", "a.jpg", True),
+    ("?.png", "ab.png", False),
+    ("[!a]*.png", "b1.png", True),
+    ("[!a]*.png", "a1.png", False),
+    ("[^a].png", "^.png", True),             # a leading ^ is literal, as in fnmatch
+])
+def test_glob_regex(pattern, path, matches):
+    assert bool(glob_regex(pattern).fullmatch(path)) is matches
+
+
+def test_output_root_and_relative_to():
+    assert output_root("s3://b/out/") == "s3://b/out"
+    assert output_root("s3://b/") == "s3://b"
+    assert relative_to("s3://b/photos/2026/a.jpg", "s3://b/photos") == "2026/a.jpg"
+    assert relative_to("/data/photos/a/b.jpg", "/data/photos/") == "a/b.jpg"
 
 
 @pytest.mark.parametrize(

@@ -52,7 +52,10 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstr
 
 from stylize.errors import ConfigError, ManifestError, StorageError, TransientStorageError
 from stylize.engine.settings import Settings, settings_error_problems
-from stylize.catalog.storage import IMAGE_EXTENSIONS, Storage, is_listed_image, is_s3, join, local_path, parent, split_s3
+from stylize.catalog.storage import (
+    IMAGE_EXTENSIONS, Storage, child, glob_regex, has_image_extension, is_glob, is_listed_image, is_s3, join,
+    local_path, output_root, parent, relative_to, split_glob,
+)
 
 VERSION = 1
 # Output file extension per Settings.format.
@@ -149,12 +152,12 @@ class Job:
     @property
     def image_uri(self) -> str:
         """Where the stylized image goes: ``<output>/<name>.<png|jpg|webp>`` (not for a refused job)."""
-        return _child(self.output, f"{self.name}.{_EXTENSIONS[self.settings.format]}")
+        return child(self.output, f"{self.name}.{_EXTENSIONS[self.settings.format]}")
 
     @property
     def metadata_uri(self) -> str:
         """Where the job's metadata JSON goes: ``<output>/<name>.json``."""
-        return _child(self.output, f"{self.name}.json")
+        return child(self.output, f"{self.name}.json")
 
 
 @dataclass(frozen=True)
@@ -254,7 +257,7 @@ def _parse(data: bytes | str, uri: str, problems: list[Problem], *, refuse_pairs
         problems.append(("output", f"expected a folder or s3://bucket/prefix, found {raw['output']!r}"))
     else:
         try:
-            output = _root(join(base, raw["output"]))
+            output = output_root(join(base, raw["output"]))
         except StorageError as exc:
             problems.append(("output", str(exc)))
 
@@ -416,7 +419,7 @@ class _Expansion:
         self.output = manifest.output
         if output is not None:
             try:
-                self.output = _root(output)
+                self.output = output_root(output)
             except StorageError as exc:
                 self.report([("output", str(exc))])
         # name -> (field path, content URI): duplicates must name both sources.
@@ -552,20 +555,20 @@ class _Expansion:
                                 f"with files ending {', '.join(IMAGE_EXTENSIONS)}")])
 
     def _candidates(self, entry: str, uri: str) -> Iterator[tuple[str, str, bool]]:
-        if _is_glob(entry):
-            root, pattern = _split_glob(uri)
-            regex = _glob_regex(pattern)
+        if is_glob(entry):
+            root, pattern = split_glob(uri)
+            regex = glob_regex(pattern)
             for item in self.storage.list(root):
-                rel = _relative(item, root)
+                rel = relative_to(item, root)
                 if regex.fullmatch(rel) and is_listed_image(rel):
                     yield item, _strip_ext(rel), True
-        elif not entry.endswith("/") and (_is_image(uri) or self.storage.exists(uri)):
+        elif not entry.endswith("/") and (has_image_extension(uri) or self.storage.exists(uri)):
             # A named file: the name is its stem. Existence is checked by
             # validate() or when the job reads it, not here (one request per file).
             yield uri, _strip_ext(posixpath.basename(uri)), False
         else:
             for item in self.storage.list(uri):
-                rel = _relative(item, uri)
+                rel = relative_to(item, uri)
                 if is_listed_image(rel):
                     yield item, _strip_ext(rel), True
 
@@ -752,21 +755,6 @@ def _kind(value: Any) -> str:
     return f"{type(value).__name__} {value!r}"
 
 
-def _root(uri: str) -> str:
-    """Normalize an output root: absolute local path, or s3://bucket[/prefix] without a trailing /."""
-    if is_s3(uri):
-        bucket, key = split_s3(uri)
-        key = key.strip("/")
-        return f"s3://{bucket}/{key}" if key else f"s3://{bucket}"
-    return local_path(uri)
-
-
-def _child(root: str, name: str) -> str:
-    if is_s3(root):
-        return f"{root.rstrip('/')}/{name}"
-    return os.path.join(root, name)
-
-
 def _unsafe_name(name: str) -> str | None:
     """Why ``name`` cannot be an output name below the output root, or None."""
     if not name:
@@ -797,71 +785,3 @@ def _strip_ext(path: str) -> str:
 
 def _pair_name(content: str, styles: list[str]) -> str:
     return f"{_stem(content)}__{'+'.join(_stem(s) for s in styles)}"
-
-
-def _is_image(uri: str) -> bool:
-    return posixpath.splitext(uri)[1].lower() in IMAGE_EXTENSIONS
-
-
-def _relative(item: str, root: str) -> str:
-    """``item``'s path below the folder or prefix ``root``, with / separators."""
-    if is_s3(root):
-        _, key = split_s3(root)
-        prefix = key if not key or key.endswith("/") else key + "/"
-        return split_s3(item)[1][len(prefix):]
-    return os.path.relpath(item, local_path(root)).replace(os.sep, "/")
-
-
-def _is_glob(entry: str) -> bool:
-    return any(c in entry for c in "*?[")
-
-
-def _split_glob(uri: str) -> tuple[str, str]:
-    """``s3://b/photos/*/x*.jpg`` -> (``s3://b/photos/``, ``*/x*.jpg``): the folder to list, the pattern."""
-    if is_s3(uri):
-        bucket, key = split_s3(uri)
-        head, rest = _split_parts(key)
-        return f"s3://{bucket}/{head}", rest
-    head, rest = _split_parts(uri)
-    return head or "/", rest
-
-
-def _split_parts(path: str) -> tuple[str, str]:
-    parts = path.split("/")
-    k = next(i for i, part in enumerate(parts) if _is_glob(part))
-    head = "/".join(parts[:k])
-    return (head + "/" if head else ""), "/".join(parts[k:])
-
-
-def _glob_regex(pattern: str) -> re.Pattern[str]:
-    """Compile a glob: ``*`` and ``?`` stay within one folder, ``**`` spans any depth."""
-    out = []
-    parts = pattern.split("/")
-    for k, part in enumerate(parts):
-        last = k == len(parts) - 1
-        if part == "**":
-            out.append(".*" if last else "(?:[^/]*/)*")
-            continue
-        out.append(_glob_part(part) + ("" if last else "/"))
-    return re.compile("".join(out))
-
-
-def _glob_part(part: str) -> str:
-    out, i = [], 0
-    while i < len(part):
-        c = part[i]
-        end = part.find("]", i + 2) if c == "[" else -1
-        if c == "*":
-            out.append("[^/]*")
-        elif c == "?":
-            out.append("[^/]")
-        elif end != -1:
-            body = part[i + 1:end].replace("\\", "\\\\")
-            # As in fnmatch: "[!...]" negates (never matching "/"), a leading "^" is literal.
-            body = "^/" + body[1:] if body[0] == "!" else "\\" + body if body[0] == "^" else body
-            out.append(f"[{body}]")
-            i = end
-        else:
-            out.append(re.escape(c))
-        i += 1
-    return "".join(out)

@@ -6,6 +6,10 @@ asks where an image lives. Every failure becomes a ``StorageError`` whose
 message names the URI: ``NotFoundError`` for a missing file, key or bucket,
 ``TransientStorageError`` for what a retry may fix (timeouts, throttling,
 5xx), plain ``StorageError`` for the rest (access denied, bad URI).
+
+Every URI helper lives here too: joining and parents, output roots, paths
+relative to a listed folder, and the globs of manifest grids (``*`` and
+``?`` within one folder, ``**`` across any depth).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import io
 import mimetypes
 import os
 import posixpath
+import re
 import secrets
 import threading
 from dataclasses import dataclass
@@ -89,7 +94,7 @@ def is_listed_image(relative: str) -> bool:
     macOS "._IMG.jpg" resource forks and ".thumbnails/" caches look like
     images but are not the catalog.
     """
-    if posixpath.splitext(relative)[1].lower() not in IMAGE_EXTENSIONS:
+    if not has_image_extension(relative):
         return False
     return not any(part.startswith(".") for part in relative.split("/"))
 
@@ -159,6 +164,97 @@ def join(base: str, relative: str) -> str:
                 parts.append(part)
         return f"s3://{bucket}/" + "/".join(parts)
     return os.path.normpath(os.path.join(local_path(base), relative))
+
+
+# --- output roots, listings and globs (the manifest's URI helpers) ------------------
+
+
+def output_root(uri: str) -> str:
+    """An output root, normalized: an absolute local path, or s3://bucket[/prefix] without a trailing /."""
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        key = key.strip("/")
+        return f"s3://{bucket}/{key}" if key else f"s3://{bucket}"
+    return local_path(uri)
+
+
+def child(root: str, name: str) -> str:
+    """``name`` (a relative path with / separators) below the folder or prefix ``root``."""
+    if is_s3(root):
+        return f"{root.rstrip('/')}/{name}"
+    return os.path.join(root, name)
+
+
+def has_image_extension(uri: str) -> bool:
+    """True if ``uri`` ends in one of ``IMAGE_EXTENSIONS`` (any case)."""
+    return posixpath.splitext(uri)[1].lower() in IMAGE_EXTENSIONS
+
+
+def relative_to(item: str, root: str) -> str:
+    """``item``'s path below the folder or prefix ``root``, with / separators."""
+    if is_s3(root):
+        _, key = split_s3(root)
+        prefix = key if not key or key.endswith("/") else key + "/"
+        return split_s3(item)[1][len(prefix):]
+    return os.path.relpath(item, local_path(root)).replace(os.sep, "/")
+
+
+def is_glob(entry: str) -> bool:
+    """True if ``entry`` has a glob character (``*``, ``?`` or ``[``)."""
+    return any(c in entry for c in "*?[")
+
+
+def split_glob(uri: str) -> tuple[str, str]:
+    """``s3://b/photos/*/x*.jpg`` -> (``s3://b/photos/``, ``*/x*.jpg``): the folder to list, the pattern."""
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        head, rest = _split_at_glob(key)
+        return f"s3://{bucket}/{head}", rest
+    head, rest = _split_at_glob(uri)
+    return head or "/", rest
+
+
+def _split_at_glob(path: str) -> tuple[str, str]:
+    """``a/b/*/c`` -> (``a/b/``, ``*/c``): the path before its first glob part, and the rest."""
+    parts = path.split("/")
+    k = next(i for i, part in enumerate(parts) if is_glob(part))
+    head = "/".join(parts[:k])
+    return (head + "/" if head else ""), "/".join(parts[k:])
+
+
+def glob_regex(pattern: str) -> re.Pattern[str]:
+    """Compile a glob: ``*`` and ``?`` stay within one folder, ``**`` spans any depth."""
+    out = []
+    parts = pattern.split("/")
+    for k, part in enumerate(parts):
+        last = k == len(parts) - 1
+        if part == "**":
+            out.append(".*" if last else "(?:[^/]*/)*")
+            continue
+        out.append(_glob_part(part) + ("" if last else "/"))
+    return re.compile("".join(out))
+
+
+def _glob_part(part: str) -> str:
+    """The regex of one path part of a glob (no ``/`` inside)."""
+    out, i = [], 0
+    while i < len(part):
+        c = part[i]
+        end = part.find("]", i + 2) if c == "[" else -1
+        if c == "*":
+            out.append("[^/]*")
+        elif c == "?":
+            out.append("[^/]")
+        elif end != -1:
+            body = part[i + 1:end].replace("\\", "\\\\")
+            # As in fnmatch: "[!...]" negates (never matching "/"), a leading "^" is literal.
+            body = "^/" + body[1:] if body[0] == "!" else "\\" + body if body[0] == "^" else body
+            out.append(f"[{body}]")
+            i = end
+        else:
+            out.append(re.escape(c))
+        i += 1
+    return "".join(out)
 
 
 class Storage:
