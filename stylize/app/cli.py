@@ -18,6 +18,7 @@ import threading
 from pathlib import Path
 from typing import Sequence
 
+from stylize.app.flags import add_engine_options, engine_overrides
 from stylize.errors import StylizeError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -51,86 +52,6 @@ def sigterm_interrupts():
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-# Command-line flag -> Settings field, for the engine options every command shares.
-ENGINE_FLAGS = {
-    "size": "size",
-    "iterations": "iterations",
-    "content_weight": "content_weight",
-    "style_weight": "style_weight",
-    "tv_weight": "tv_weight",
-    "optimizer": "optimizer",
-    "learning_rate": "learning_rate",
-    "init": "init",
-    "seed": "seed",
-    "weights": "weights",
-    "pooling": "pooling",
-    "style_blend": "style_blend",
-    "style_scale": "style_scale",
-    "preserve_color": "preserve_color",
-    "scales": "scales",
-    "tolerance": "tolerance",
-    "save_every": "save_every",
-    "content_layers": "content_layers",
-    "style_layers": "style_layers",
-    "style_layer_weights": "style_layer_weights",
-    "precision": "precision",
-    "quality": "quality",
-    "max_pixels": "max_pixels",
-}
-
-
-def add_engine_options(parser: argparse.ArgumentParser) -> None:
-    """Flags for every engine setting; unset flags keep the library's defaults."""
-    g = parser.add_argument_group("engine settings (defaults give a good picture at 512 px)")
-    g.add_argument("--size", type=int, metavar="PX", help="longest side of the output in pixels (default 512)")
-    g.add_argument(
-        "--iterations", type=int, metavar="N",
-        help="L-BFGS iterations at full size (default 500). With --scales N, each coarser level runs up to "
-             "the same number at a quarter of the cost per halving (at most a third extra in all); early "
-             "stopping (--tolerance) usually ends every level sooner",
-    )
-    g.add_argument("--content-weight", type=float, metavar="W", help="content loss weight (default 1)")
-    g.add_argument("--style-weight", type=float, metavar="W", help="style loss weight (default 10)")
-    g.add_argument("--tv-weight", type=float, metavar="W", help="total-variation weight (default 1e5)")
-    g.add_argument("--optimizer", choices=["lbfgs", "adam"], help="default lbfgs")
-    g.add_argument("--learning-rate", type=float, metavar="LR",
-                   help="step size (default 1 for L-BFGS, 0.02 for Adam)")
-    g.add_argument("--init", metavar="content|random|PATH", help="starting image (default content)")
-    g.add_argument("--seed", type=int, help="seed for random init; same seed, same output on CPU (default 0)")
-    g.add_argument("--weights", metavar="caffe|torchvision|PATH",
-                   help="VGG19 weight set (default caffe, the original Caffe-trained network)")
-    g.add_argument("--pooling", choices=["max", "avg"], help="default max")
-    g.add_argument("--style-blend", type=float, nargs="+", metavar="W",
-                   help="blend weights, one per style image (default equal)")
-    g.add_argument("--style-scale", type=float, metavar="F",
-                   help="style image size relative to the output (default 1.0)")
-    g.add_argument("--preserve-color", action="store_true", default=None,
-                   help="keep the content's colours (luminance-only transfer)")
-    g.add_argument("--scales", type=int, metavar="N",
-                   help="coarse-to-fine levels, each half the next; 1 = full size only (default 2)")
-    g.add_argument("--tolerance", type=float, metavar="F",
-                   help="stop a level when the loss improves by less than this fraction over 20 "
-                        "iterations; 0 disables early stopping (default 1e-3)")
-    g.add_argument("--save-every", type=int, metavar="N", help="save an intermediate image every N iterations")
-    g.add_argument("--content-layers", nargs="+", metavar="LAYER", help="default relu4_2")
-    g.add_argument("--style-layers", nargs="+", metavar="LAYER", help="default relu1_1 relu2_1 relu3_1 relu4_1 relu5_1")
-    g.add_argument("--style-layer-weights", type=float, nargs="+", metavar="W", help="one per style layer")
-    g.add_argument("--precision", choices=["auto", "float32", "bfloat16"],
-                   help="VGG pass precision; auto uses bf16 where the hardware runs it fast (default auto)")
-    g.add_argument("--quality", type=int, metavar="Q", help="JPEG/WebP quality (default 95)")
-    g.add_argument("--max-pixels", type=int, metavar="N", help="pixel budget per output (default 4096*4096)")
-
-
-def engine_overrides(args: argparse.Namespace) -> dict:
-    """The engine settings given on the command line, as Settings fields."""
-    out = {}
-    for dest, field in ENGINE_FLAGS.items():
-        value = getattr(args, dest, None)
-        if value is not None:
-            out[field] = tuple(value) if isinstance(value, list) else value
-    return out
-
 
 def settings_from(overrides: dict):
     """Validate overrides into Settings; errors name the flag."""

@@ -1,8 +1,13 @@
 """Engine settings: one validated, immutable object per job.
 
-Every default says why it is what it is. The resolved settings are saved with
-every output (see ``metadata.py``), and they are part of the job key, so a
-changed setting reruns a job.
+Every field has a ``description``: its first sentence (up to the first ". ")
+says what the setting is and becomes the command line's help; the rest says
+why the default is what it is. The CLI's engine flags are generated from
+these fields (``stylize/app/flags.py``), so a new field is a new flag; mark
+one ``json_schema_extra={"cli": False}`` to keep it off the command line, and
+give ``{"metavar": ...}`` for its placeholder. The resolved settings are saved
+with every output (see ``metadata.py``), and they are part of the job key, so
+a changed setting reruns a job.
 """
 
 from __future__ import annotations
@@ -26,88 +31,100 @@ class Settings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
-    # Longest side of the output in pixels. 512 is where VGG19's receptive
-    # fields (about 200 px at relu5_1) still see whole brush strokes while a
-    # CPU run finishes in minutes; the paper's figures are about this size.
-    # No fixed upper bound: ``max_pixels`` is the limit, and its error names
-    # the size that fits.
-    size: int = Field(512, ge=16)
-    # L-BFGS iterations at full size. 500 is where jcjohnson/neural-style's
-    # default (1000) has visually converged for 512 px images; early stopping
-    # usually ends sooner.
-    iterations: int = Field(500, ge=0, le=100000)
+    size: int = Field(512, ge=16, json_schema_extra={"metavar": "PX"}, description=(
+        "Longest side of the output in pixels. 512 is where VGG19's receptive fields (about 200 px at "
+        "relu5_1) still see whole brush strokes while a CPU run finishes in minutes; the paper's figures "
+        "are about this size. No fixed upper bound: max_pixels is the limit, and its error names the size "
+        "that fits."))
+    iterations: int = Field(500, ge=0, le=100000, json_schema_extra={"metavar": "N"}, description=(
+        "L-BFGS iterations at full size. With --scales N, each coarser level runs up to the same number at "
+        "a quarter of the cost per halving (at most a third extra in all); early stopping (--tolerance) "
+        "usually ends every level sooner. 500 is where jcjohnson/neural-style's default (1000) has visually "
+        "converged for 512 px images."))
 
     # Loss weights. Losses are normalized per element (see losses.py), so the
-    # balance is the same at 256 and at 1024 px. With those normalizations
-    # (Caffe features are on a 0-255 scale, so raw losses are large) a style
-    # weight of 10 against content 1 gives a clear painting texture with the
-    # photo's structure intact on the sample images; 0.3 barely changes the
-    # photo and 30 starts to dissolve it.
-    content_weight: float = Field(1.0, ge=0)
-    style_weight: float = Field(10.0, ge=0)
-    # TV is a mean of squared 0-1 pixel differences (~1e-2), hence the large
-    # weight: enough to suppress the speckle that the Gram loss leaves in flat
-    # regions (under 1% of the total), not enough to blur strokes.
-    tv_weight: float = Field(1e5, ge=0)
+    # balance is the same at 256 and at 1024 px.
+    content_weight: float = Field(1.0, ge=0, json_schema_extra={"metavar": "W"}, description=(
+        "Content loss weight. 1 is the reference that the other weights balance against."))
+    style_weight: float = Field(10.0, ge=0, json_schema_extra={"metavar": "W"}, description=(
+        "Style loss weight. Against content 1 (Caffe features are on a 0-255 scale, so raw losses are "
+        "large), 10 gives a clear painting texture with the photo's structure intact on the sample images; "
+        "0.3 barely changes the photo and 30 starts to dissolve it."))
+    tv_weight: float = Field(1e5, ge=0, json_schema_extra={"metavar": "W"}, description=(
+        "Total-variation weight. TV is a mean of squared 0-1 pixel differences (~1e-2), hence the large "
+        "weight: enough to suppress the speckle that the Gram loss leaves in flat regions (under 1% of the "
+        "total), not enough to blur strokes."))
 
-    # Gatys et al. 2015 use conv4_2 (we take its ReLU, as most
-    # reimplementations do) for content and the first ReLU of each block for style.
-    content_layers: tuple[str, ...] = ("relu4_2",)
-    style_layers: tuple[str, ...] = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
-    # Per style layer; None means equal weights (the paper's w_l = 1/5).
-    style_layer_weights: tuple[float, ...] | None = None
+    content_layers: tuple[str, ...] = Field(("relu4_2",), json_schema_extra={"metavar": "LAYER"}, description=(
+        "VGG19 layers whose features the content loss matches. Gatys et al. 2015 use conv4_2; we take its "
+        "ReLU, as most reimplementations do."))
+    style_layers: tuple[str, ...] = Field(
+        ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1"), json_schema_extra={"metavar": "LAYER"},
+        description="VGG19 layers whose Gram matrices the style loss matches. The first ReLU of each block, "
+                    "as in Gatys et al. 2015.")
+    style_layer_weights: tuple[float, ...] | None = Field(None, json_schema_extra={"metavar": "W"}, description=(
+        "Weights of the style layers, one per layer (default equal). Equal weights are the paper's "
+        "w_l = 1/5; they are normalized to sum to 1."))
 
-    # Blend weights for several style images; None means equal. Normalized to sum to 1.
-    style_blend: tuple[float, ...] | None = None
-    # Style image size relative to the output's longest side. 1.0 matches
-    # the scale of strokes in the painting to the output.
-    style_scale: float = Field(1.0, gt=0, le=8)
-    # Luminance-only transfer (Gatys et al. 2016): keep the photo's colours.
-    preserve_color: bool = False
+    style_blend: tuple[float, ...] | None = Field(None, json_schema_extra={"metavar": "W"}, description=(
+        "Blend weights, one per style image (default equal). Normalized to sum to 1."))
+    style_scale: float = Field(1.0, gt=0, le=8, json_schema_extra={"metavar": "F"}, description=(
+        "Style image size relative to the output's longest side. 1.0 matches the scale of strokes in the "
+        "painting to the output."))
+    preserve_color: bool = Field(False, description=(
+        "Keep the content's colours (luminance-only transfer). As in Gatys et al. 2016; off by default, "
+        "since the painting's palette is usually part of its style."))
 
-    # L-BFGS converges in far fewer evaluations than Adam on this problem
-    # (the paper's choice); Adam is kept for memory-tight runs.
-    optimizer: Literal["lbfgs", "adam"] = "lbfgs"
-    # Step size. L-BFGS: scale of the first step (later steps come from its
-    # curvature estimate). Adam: per-pixel step in 0-1 RGB units; 0.02 is
-    # about 5 grey levels, large enough to move fast, small enough not to ring.
-    learning_rate: float | None = Field(None, gt=0)
-    # Starting image: "content" (fast, keeps structure), "random" (seeded
-    # noise, more style), or a path/URI of an image.
-    init: str = "content"
-    # Seed for the random init; also makes CPU runs bit-for-bit reproducible.
-    seed: int = 0
+    optimizer: Literal["lbfgs", "adam"] = Field("lbfgs", description=(
+        "The optimizer. L-BFGS (the paper's choice) converges in far fewer evaluations than Adam on this "
+        "problem; Adam is kept for memory-tight runs."))
+    learning_rate: float | None = Field(None, gt=0, json_schema_extra={"metavar": "LR"}, description=(
+        "Step size (default 1 for L-BFGS, 0.02 for Adam). L-BFGS: the scale of the first step (later steps "
+        "come from its curvature estimate). Adam: per-pixel step in 0-1 RGB units; 0.02 is about 5 grey "
+        "levels, large enough to move fast, small enough not to ring."))
+    init: str = Field("content", json_schema_extra={"metavar": "content|random|PATH"}, description=(
+        "Starting image: content, random (seeded noise) or an image's path or URI. The content image is "
+        "fast and keeps the photo's structure; random gives more style."))
+    seed: int = Field(0, json_schema_extra={"metavar": "SEED"}, description=(
+        "Seed for random init; the same seed gives the same output on the CPU. It also makes CPU runs "
+        "bit-for-bit reproducible."))
 
-    # Caffe-trained VGG19 gives markedly better textures than the
-    # torchvision retraining; "torchvision" or a state-dict path are options.
-    weights: str = "caffe"
-    # Max pooling as in the paper; average pooling gives smoother gradients
-    # (the paper mentions it gives slightly more appealing results).
-    pooling: Literal["max", "avg"] = "max"
+    weights: str = Field("caffe", json_schema_extra={"metavar": "caffe|torchvision|PATH"}, description=(
+        "VGG19 weight set: caffe, torchvision or a state-dict file. The original Caffe-trained network "
+        "gives markedly better textures than the torchvision retraining."))
+    pooling: Literal["max", "avg"] = Field("max", description=(
+        "VGG19 pooling. Max pooling as in the paper; average pooling gives smoother gradients (the paper "
+        "mentions slightly more appealing results)."))
 
-    # Coarse-to-fine levels, each half the size of the next. Two levels let
-    # the coarse pass settle the large-scale layout cheaply (1/4 the cost per
-    # iteration), so the full-size pass needs fewer iterations.
-    scales: int = Field(2, ge=1, le=6)
-    # Stop a level when the total loss improved by less than this fraction
-    # over ``tolerance_window`` iterations. 1e-3 over 20 iterations is below
-    # what the eye can see at that point. 0 disables early stopping.
-    tolerance: float = Field(1e-3, ge=0, lt=1)
-    tolerance_window: int = Field(20, ge=1)
-    # Save an intermediate image every N iterations (0: never).
-    save_every: int = Field(0, ge=0)
+    scales: int = Field(2, ge=1, le=6, json_schema_extra={"metavar": "N"}, description=(
+        "Coarse-to-fine levels, each half the size of the next; 1 is full size only. Two levels let the "
+        "coarse pass settle the large-scale layout cheaply (1/4 the cost per iteration), so the full-size "
+        "pass needs fewer iterations."))
+    tolerance: float = Field(1e-3, ge=0, lt=1, json_schema_extra={"metavar": "F"}, description=(
+        "Stop a level when the loss improves by less than this fraction over tolerance_window (20) "
+        "iterations; 0 disables early stopping. 1e-3 over 20 iterations is below what the eye can see at "
+        "that point."))
+    tolerance_window: int = Field(20, ge=1, json_schema_extra={"cli": False}, description=(
+        "Iterations over which --tolerance measures the improvement. 20 spans the noise of single L-BFGS "
+        "steps. Not a command-line flag: it only refines --tolerance."))
+    save_every: int = Field(0, ge=0, json_schema_extra={"metavar": "N"}, description=(
+        "Save an intermediate image every N iterations; 0 never. Off by default: each save is an encode "
+        "and a write."))
 
-    # Output encoding.
-    format: Format = "png"
-    quality: int = Field(95, ge=1, le=100)
+    format: Format = Field("png", json_schema_extra={"cli": False}, description=(
+        "Output encoding: png, jpeg or webp. PNG is lossless. Not a command-line flag: `stylize image` takes "
+        "it from the output's extension, manifests set it per job."))
+    quality: int = Field(95, ge=1, le=100, json_schema_extra={"metavar": "Q"}, description=(
+        "JPEG/WebP quality. 95 keeps brush-stroke detail free of visible artefacts at about a third of "
+        "PNG's size."))
 
-    # "auto": bfloat16 for the VGG pass where the hardware runs it fast (CUDA
-    # with bf16, CPUs with AVX-512 BF16 or AMX), float32 elsewhere. Gram
-    # matrices and losses are always accumulated in float32.
-    precision: Literal["auto", "float32", "bfloat16"] = "auto"
-    # Pixel budget per image (output size squared is the worst case): a job
-    # over it is refused before any work with the size that would fit.
-    max_pixels: int = Field(4096 * 4096, ge=256)
+    precision: Literal["auto", "float32", "bfloat16"] = Field("auto", description=(
+        "VGG pass precision; auto uses bf16 where the hardware runs it fast. That is CUDA with bf16, and "
+        "CPUs with AVX-512 BF16 or AMX; float32 elsewhere. Gram matrices and losses are always accumulated "
+        "in float32."))
+    max_pixels: int = Field(4096 * 4096, ge=256, json_schema_extra={"metavar": "N"}, description=(
+        "Pixel budget per output. 4096x4096 by default; a job over it (its size squared is the worst case) is refused "
+        "before any work, with the size that would fit."))
 
     @field_validator("content_layers", "style_layers")
     @classmethod
