@@ -1,0 +1,280 @@
+"""The style objective evaluated tile by tile: the same loss and gradient as the whole image, in bounded memory.
+
+Why it is exact
+---------------
+A feature at layer l, position p, depends only on the input pixels in its
+receptive field (156 px square at relu5_1, centred on p's 16 px cell). Cut the
+image into *cores* and run the network on each core grown by a *halo* at
+least that reach (clipped to the image): every feature inside the core then
+sees exactly the pixels it sees in the whole image. Where the tile touches an
+image border the network zero-pads exactly as it does for the whole image;
+where it does not, the halo keeps the tile's own zero padding out of the core's
+receptive fields. Tile offsets are multiples of the deepest layer's stride
+(16 px to relu5_1), so every pooling window falls where it falls in the whole
+image.
+
+The losses are sums over positions, each position in exactly one core:
+
+* Content: ``mean((F - P)^2)`` is a sum over positions divided by the whole
+  layer's size, so each tile adds its core's part.
+* Style: the Gram ``G = sum_p f_p f_p^T / (c h w)`` is a sum over positions,
+  so a first pass (no gradient) adds up every core's part of G. The loss
+  ``mean((G - A)^2)`` is a function of the global G, and its gradient at a
+  position is ``f_p (G - A) * 4 / (c^2 c h w)``: the second pass runs each tile
+  forward and backward with that gradient injected at the core positions.
+* Total variation is cheap and local: the caller evaluates it on the whole
+  image (``losses.TVLoss``).
+
+The gradient of the image is the sum over tiles of each tile's input
+gradient (which reaches into the halo: a core feature depends on halo pixels),
+added at the tile's place. No blending, no seams. ``tests/test_tiled.py``
+checks loss and gradient against the untiled evaluation.
+
+Cost: every tile runs the network forward twice and backward once (the
+untiled pass: once each), on a tile enlarged by its halo.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from stylize.engine.features import LAYER_INDEX, LAYERS, VGG19Features, check_layers
+from stylize.engine.fused import LossSpec
+from stylize.errors import ConfigError
+
+__all__ = ["Tile", "TilePlan", "layer_geometry", "halo_for", "plan_tiles", "tiled_features", "tiled_grams",
+           "tiled_feature_losses"]
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One tile: its core (the positions it owns) and its outer box (core plus halo, clipped), in image pixels.
+
+    Boxes are (top, bottom, left, right), bottom and right exclusive.
+    """
+
+    core: tuple[int, int, int, int]
+    outer: tuple[int, int, int, int]
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """How an image of ``height`` x ``width`` is cut: core side, halo and the tiles, row by row."""
+
+    height: int
+    width: int
+    core: int
+    halo: int
+    tiles: tuple[Tile, ...]
+
+    @property
+    def largest(self) -> tuple[int, int]:
+        """(h, w) of the largest outer box: what one tile's pass costs."""
+        return (max(t.outer[1] - t.outer[0] for t in self.tiles), max(t.outer[3] - t.outer[2] for t in self.tiles))
+
+
+def layer_geometry(name: str) -> tuple[int, int, int]:
+    """(receptive field px, stride px, reach px) of a VGG19 layer's features.
+
+    ``reach`` is how far a feature's receptive field extends beyond its own
+    stride-sized cell on each side (70 px at relu5_1): the halo a tile needs.
+    """
+    field, stride, reach = 1, 1, 0
+    for layer, kind in LAYERS[: LAYER_INDEX[check_layers([name])[0]] + 1]:
+        if kind == "conv":  # 3x3, padding 1
+            field += 2 * stride
+            reach += stride
+        elif kind == "pool":  # 2x2, stride 2, no padding
+            field += stride
+            stride *= 2
+    return field, stride, reach
+
+
+def halo_for(layers: Sequence[str]) -> tuple[int, int]:
+    """(halo px, alignment px) for these layers: the largest reach, rounded up to the deepest stride."""
+    align = max(layer_geometry(n)[1] for n in layers)
+    reach = max(layer_geometry(n)[2] for n in layers)
+    return math.ceil(reach / align) * align, align
+
+
+def plan_tiles(height: int, width: int, core: int, layers: Sequence[str], *, field: str = "tile") -> TilePlan:
+    """Cut a ``height`` x ``width`` image into cores of ``core`` px (a multiple of the pooling stride).
+
+    ``field`` names the setting the core size came from, for the error.
+    """
+    halo, align = halo_for(layers)
+    if core < align or core % align:
+        raise ConfigError(f"{field} is {core} px; expected a positive multiple of {align} px (the stride of "
+                          f"layer {max(layers, key=LAYER_INDEX.get)})")
+
+    def cuts(n: int) -> list[tuple[int, int, int, int]]:  # (core start, core end, outer start, outer end)
+        starts = list(range(0, n, core))
+        return [(a, min(a + core, n), max(0, a - halo), min(n, a + core + halo)) for a in starts]
+
+    tiles = tuple(Tile((y0, y1, x0, x1), (oy0, oy1, ox0, ox1))
+                  for y0, y1, oy0, oy1 in cuts(height) for x0, x1, ox0, ox1 in cuts(width))
+    return TilePlan(height, width, core, halo, tiles)
+
+
+def _core_slices(tile: Tile, stride: int) -> tuple[slice, slice, slice, slice]:
+    """(rows, cols) of the core in the tile's feature map, then (rows, cols) in the whole image's.
+
+    Offsets are multiples of the stride, so floor division maps cells exactly;
+    a core ending at the image border ends where the whole map ends.
+    """
+    y0, y1, x0, x1 = tile.core
+    oy0, _, ox0, _ = tile.outer
+    s = stride
+    return (slice((y0 - oy0) // s, (y1 - oy0) // s), slice((x0 - ox0) // s, (x1 - ox0) // s),
+            slice(y0 // s, y1 // s), slice(x0 // s, x1 // s))
+
+
+def _features(model: VGG19Features, pixels: Tensor, layers: Sequence[str], channels_last: bool) -> dict[str, Tensor]:
+    """Features of a tile's pixels (RGB, or luminance shown as grey RGB)."""
+    rgb = pixels.expand(-1, 3, -1, -1) if pixels.shape[1] == 1 else pixels
+    if channels_last:
+        rgb = rgb.contiguous(memory_format=torch.channels_last)
+    return model(rgb, layers)
+
+
+def _pixels(x: Tensor, tile: Tile) -> Tensor:
+    """The tile's outer box of ``x`` (a view)."""
+    oy0, oy1, ox0, ox1 = tile.outer
+    return x[..., oy0:oy1, ox0:ox1]
+
+
+def _strides(layers: Sequence[str]) -> dict[str, int]:
+    return {n: layer_geometry(n)[1] for n in layers}
+
+
+@torch.no_grad()
+def tiled_features(model: VGG19Features, x: Tensor, layers: Sequence[str], plan: TilePlan,
+                   channels_last: bool) -> dict[str, Tensor]:
+    """The whole image's features at ``layers``, assembled from tile cores (e.g. content targets)."""
+    strides = _strides(layers)
+    out: dict[str, Tensor] = {}
+    for tile in plan.tiles:
+        feats = _features(model, _pixels(x, tile), layers, channels_last)
+        for n, f in feats.items():
+            if n not in out:
+                b, c = f.shape[:2]
+                s = strides[n]
+                out[n] = f.new_empty(b, c, plan.height // s, plan.width // s)  # (b, c, h, w) of the whole map
+            rows, cols, grows, gcols = _core_slices(tile, strides[n])
+            out[n][..., grows, gcols] = f[..., rows, cols]
+    return out
+
+
+def _core_rows(f: Tensor, rows: slice, cols: slice) -> Tensor:
+    """(b, c, h, w) features -> (b, m, c) float32 rows of the core positions."""
+    core = f[..., rows, cols].float()
+    return core.permute(0, 2, 3, 1).reshape(f.shape[0], -1, f.shape[1])  # (b, m, c)
+
+
+@torch.no_grad()
+def tiled_grams(model: VGG19Features, x: Tensor, layers: Sequence[str], plan: TilePlan,
+                channels_last: bool) -> dict[str, Tensor]:
+    """{layer: (b, c, c)} float32 Gram matrices of the whole image divided by c*h*w, summed over cores."""
+    strides = _strides(layers)
+    sums: dict[str, Tensor] = {}
+    for tile in plan.tiles:
+        feats = _features(model, _pixels(x, tile), layers, channels_last)
+        for n, f in feats.items():
+            r = _core_rows(f, *_core_slices(tile, strides[n])[:2])  # (b, m, c)
+            part = torch.bmm(r.transpose(1, 2), r)  # (b, c, c)
+            sums[n] = part if n not in sums else sums[n].add_(part)
+    for n, g in sums.items():
+        s = strides[n]
+        g.div_(g.shape[1] * (plan.height // s) * (plan.width // s))
+    return sums
+
+
+def _layer_sizes(plan: TilePlan, layers: Sequence[str], channels: dict[str, int]) -> dict[str, int]:
+    """c*h*w of each layer's whole map (per image): the losses' normalization."""
+    return {n: channels[n] * (plan.height // s) * (plan.width // s) for n, s in _strides(layers).items()}
+
+
+def _tile_pass(model: VGG19Features, x: Tensor, tile: Tile, spec: LossSpec, gdiffs: dict[str, Tensor],
+               sizes: dict[str, int], channels_last: bool) -> tuple[Tensor, Tensor]:
+    """Forward and backward of one tile; returns (weighted content loss (b,), the tile's input gradient)."""
+    layers = sorted(set(spec.content) | set(spec.style), key=LAYER_INDEX.get)
+    strides = _strides(layers)
+    leaf = _pixels(x, tile).detach().requires_grad_(True)
+    with torch.enable_grad():
+        feats = _features(model, leaf, layers, channels_last)
+    content = torch.zeros(x.shape[0], dtype=torch.float32, device=x.device)
+    outputs, grads = [], []
+    for n, f in feats.items():
+        rows, cols, grows, gcols = _core_slices(tile, strides[n])
+        g = torch.zeros(f.shape, dtype=torch.float32, device=f.device)  # (b, c, h, w) dLoss/dF, zero off-core
+        if n in spec.content:
+            target, weight = spec.content[n]
+            diff = f[..., rows, cols].detach().float() - target[..., grows, gcols]
+            content += weight * diff.pow(2).flatten(1).sum(1) / sizes[n]
+            # d/dF of weight * sum((F - P)^2) / size
+            g[..., rows, cols] += diff * (2 * weight / sizes[n])
+        if n in spec.style:
+            r = _core_rows(f.detach(), rows, cols)  # (b, m, c)
+            core = g[..., rows, cols]
+            m = torch.bmm(r, gdiffs[n])  # (b, m, c): f_p (G - A) * k per core position
+            core += m.view(core.shape[0], core.shape[2], core.shape[3], -1).permute(0, 3, 1, 2)  # into g
+        outputs.append(f)
+        grads.append(g.to(f.dtype))
+    torch.autograd.backward(outputs, grads)
+    return content, leaf.grad
+
+
+class _TiledLoss(torch.autograd.Function):
+    """(image) -> (weighted content + style (b,), content (b,), style (b,)); the gradient is computed up front."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, model: VGG19Features, spec: LossSpec, plan: TilePlan, channels_last: bool):
+        b = x.shape[0]
+        style = torch.zeros(b, dtype=torch.float32, device=x.device)
+        gdiffs: dict[str, Tensor] = {}
+        channels: dict[str, int] = {n: t.shape[1] for n, (t, _) in spec.content.items()}
+        if spec.style:
+            grams = tiled_grams(model, x, list(spec.style), plan, channels_last)  # pass 1
+            for n, (target, weight) in spec.style.items():
+                g = grams[n]
+                c = g.shape[1]
+                channels[n] = c
+                diff = g - target  # (b, c, c), symmetric
+                style += weight * diff.pow(2).flatten(1).mean(1)
+                # d/dX of weight * mean((X^T X / n - A)^2) = X (G - A) * 4 * weight / (c^2 n)
+                n_full = c * (plan.height // layer_geometry(n)[1]) * (plan.width // layer_geometry(n)[1])
+                gdiffs[n] = diff * (4 * weight / (c * c * n_full))
+        sizes = _layer_sizes(plan, list(channels), channels)
+        content = torch.zeros(b, dtype=torch.float32, device=x.device)
+        grad = torch.zeros_like(x, dtype=torch.float32) if ctx.needs_input_grad[0] else None
+        for tile in plan.tiles:  # pass 2
+            part, tile_grad = _tile_pass(model, x, tile, spec, gdiffs, sizes, channels_last)
+            content += part
+            if grad is not None:
+                _pixels(grad, tile).add_(tile_grad)
+        ctx.grad = grad
+        ctx.mark_non_differentiable(content, style)
+        return content + style, content, style
+
+    @staticmethod
+    def backward(ctx, grad_total: Tensor, _grad_content, _grad_style):
+        grad, ctx.grad = ctx.grad, None
+        return grad * grad_total.view(-1, *([1] * (grad.dim() - 1))), None, None, None, None
+
+
+def tiled_feature_losses(x: Tensor, model: VGG19Features, spec: LossSpec, plan: TilePlan,
+                         channels_last: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Weighted (content + style, content, style) per image of ``x`` (RGB or luminance in 0-1), tile by tile.
+
+    Only the first is differentiable in ``x``: its gradient is computed during
+    the call (a graph over every tile would hold the whole image's
+    activations, which is what tiling avoids). Content targets in ``spec`` are
+    whole-image feature maps (see ``tiled_features``).
+    """
+    return _TiledLoss.apply(x, model, spec, plan, channels_last)
+
