@@ -10,7 +10,8 @@ returns a small ``Outcome``. Only transient storage errors are retried
 (``retry_delay`` sets the backoff); a bad input fails its own job and the
 others go on. When the run is interrupted (Ctrl+C, or SIGTERM, which Prefect
 raises in the flow as ``TerminationSignal``) the running jobs stop at their
-next iteration, so the process exits promptly with nothing half-written.
+next iteration and no storage attempt starts after it (``stop_storage``), so
+the process exits promptly with nothing half-written.
 
 Progress goes to the ``stylize.app.view`` logger (the CLI draws it), and the
 run ends with table, markdown and progress artifacts and a summary JSON at
@@ -91,6 +92,7 @@ def stylize_job(job: Job, storage: Storage, slots: list[str] | None,
     giving it back, so I/O of other jobs overlaps the device's compute. The device is
     a free one of ``slots``, or with ``slots=None`` (on Dask) the worker's own.
     Setting ``cancel`` stops the optimization (``Cancelled``)."""
+    refuse_if_cancelled(cancel, job.name)  # a Prefect retry that comes due after an interrupt
     prepared = prepare(job, storage)
     if isinstance(prepared, Outcome):  # skipped, or unusable inputs
         return prepared
@@ -121,6 +123,7 @@ def stylize_batch(jobs: list[Job], storage: Storage, slots: list[str] | None, n_
     key that cannot be written fails its job only, and a storage hiccup does
     not make the whole batch compute again.
     """
+    refuse_if_cancelled(cancel, jobs[0].name)  # a Prefect retry that comes due after an interrupt
     outcomes: list[Outcome] = []
     groups: dict[tuple, list] = {}
     for job in jobs:
@@ -148,6 +151,19 @@ def stylize_batch(jobs: list[Job], storage: Storage, slots: list[str] | None, n_
             outcomes.append(result if isinstance(result, Outcome)
                             else finish_alone(prepared, result, storage, retry_delay, cancel))
     return outcomes
+
+
+def refuse_if_cancelled(cancel: threading.Event | None, name: str) -> None:
+    """``Cancelled`` when the run was interrupted: a job (or its retry) starts no work, not even a read."""
+    if cancel is not None and cancel.is_set():
+        raise Cancelled(f"{name}: not started, the run was interrupted")
+
+
+def stop_storage(storage: Storage, stop: threading.Event | None) -> Storage:
+    """``storage``, refusing to send any request (first tries and botocore retries) once ``stop``
+    is set; with ``stop=None`` (on Dask, where the cluster cancels its tasks) unchanged."""
+    storage.cancel = stop
+    return storage
 
 
 #: Tries of a batched job's writes after the first, as the tasks' retries.
@@ -278,8 +294,10 @@ def stylize_catalog(
         )
     slots = plan_devices(devices, workers) if dask is None else None
     batch = batch_size or max(16, 4 * (len(slots) if slots else cluster_gpus(dask)))
+    # Threads of this process see the event; on Dask the cluster cancels its own tasks.
+    stop = threading.Event() if dask is None else None
     doc = load(manifest)
-    storage = storage_for(doc)
+    storage = stop_storage(storage_for(doc), stop)
     out_root = output or doc.output
     total = count_jobs(doc, storage, settings, output, shard_spec)
     progress_log.info("start", extra={"total": total})
@@ -287,8 +305,6 @@ def stylize_catalog(
     tally = _Tally()
     backoff = exponential_backoff(retry_delay)
     one, several = (t.with_options(retry_delay_seconds=backoff) for t in (stylize_job, stylize_batch))
-    # Threads of this process see the event; on Dask the cluster cancels its own tasks.
-    stop = threading.Event() if dask is None else None
 
     try:
         for group in _batches(_jobs(doc, storage, settings, output, shard_spec), batch):

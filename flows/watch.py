@@ -8,12 +8,21 @@ when the uploads pause. Runs start through a deployment (``DeploymentRuns``:
 (``InProcessRuns``: the ``stylize_catalog`` flow, with a local ``RunLedger``
 of keys), so a redelivered message never starts a second run.
 
-Delivery rules: a message is deleted only after its run was accepted (for
-images: after their batch's run was); a malformed message or an S3 test
-event is logged and deleted; when a run cannot start (the Prefect API is
-down, the deployment is gone) the message is logged, kept, and made visible
-again after ``retry_after`` seconds, so SQS redelivers it (and a redrive
-policy can move a message that keeps failing to a dead-letter queue).
+Delivery rules: a message is deleted only once a run covering it has been
+accepted by the deployment, or (in-process) has gone through every job of
+its manifest (for images: their batch's run); a malformed message or an S3
+test event is logged and deleted. A message is kept, and SQS delivers it
+again, when its run cannot start (the Prefect API is down, the deployment is
+gone) or stops short: interrupted, a storage outage, or a standing manifest
+that cannot be read, is invalid or writes under the images prefix (checked
+before every image run, not only at start-up, since it can be edited while
+the watcher runs). A new manifest that is itself invalid is a verdict on
+that upload: its message is deleted, and a corrected upload starts a run.
+Kept messages come back after ``retry_after`` seconds; for image runs the
+wait doubles with each failure in a row, up to ``MAX_BACKOFF``, and each
+distinct problem is logged once, so a broken standing manifest costs a
+manifest read every few minutes, not a loop (a redrive policy can move
+messages that keep failing to a dead-letter queue).
 """
 
 from __future__ import annotations
@@ -26,7 +35,7 @@ from typing import Any, Callable, Protocol
 import boto3
 from botocore import exceptions as bex
 
-from stylize.errors import ConfigError
+from stylize.errors import ConfigError, StylizeError, TransientStorageError
 from stylize.catalog.events import (
     Debouncer, ObjectEvent, Routes, RunLedger, RunRequest, parse_message, split_deployment_name,
 )
@@ -38,6 +47,12 @@ log = logging.getLogger("stylize.watch")
 SQS_BATCH, SQS_MAX_WAIT, SQS_MAX_VISIBILITY = 10, 20, 12 * 3600
 #: Extra seconds held image messages stay invisible beyond the debounce's max wait.
 HOLD_MARGIN = 60
+#: The longest wait before image messages whose run failed come back (seconds).
+MAX_BACKOFF = 900
+
+
+class RunNotFinished(StylizeError):
+    """An in-process run stopped before going through its jobs; its messages stay in the queue."""
 
 
 class Runs(Protocol):
@@ -87,40 +102,62 @@ class InProcessRuns:
     already takes every device of this machine (a second run in a thread
     would only share them), and while it waits new notifications stay in
     SQS, which keeps them durably, rather than in memory. The ledger claims
-    a key before its run starts; a key already claimed starts nothing. So a
-    watcher killed in mid-run does not finish that run by itself when the
-    message comes back: run the manifest again (``stylize run``; finished
-    jobs are skipped), or use a deployment, where Prefect tracks the run.
+    a key before its run starts; a key already claimed starts nothing. A run
+    that stops short (an exception, Ctrl+C, SIGTERM) frees its key, so the
+    message, which was not deleted, starts it again when SQS delivers it
+    again. Only a watcher killed outright (SIGKILL) keeps the key: run the
+    manifest again (``stylize run``; finished jobs are skipped), or use a
+    deployment, where Prefect tracks the run.
     """
 
     def __init__(self, ledger: RunLedger):
         self.ledger = ledger
+        self._running: str | None = None  # the key of the run in progress
 
     def start(self, request: RunRequest) -> str:
-        """Run the flow to its end, unless the request's key was started before."""
+        """Run the flow to its end, unless the request's key was started before. Returns a line
+        for the log once the run covered the request; raises (and frees the key) when it did not."""
         from flows.catalog import stylize_catalog
 
         if not self.ledger.claim(request):
             return f"nothing: key {request.idempotency_key} was started before (ledger {self.ledger.path})"
+        self._running = request.idempotency_key
         try:
             state = stylize_catalog(manifest=request.manifest, return_state=True)
         except BaseException:
-            # The flow did not run (the API refused it, or the watcher is stopping): let a
-            # redelivery start it. A run that ran and failed comes back as a state instead.
-            self.ledger.release(request.idempotency_key)
+            # The flow did not run to its end (the API refused it, or the watcher is stopping).
+            self.release_unfinished()
             raise
         result = state.result(raise_on_failure=False)
         summary = getattr(result, "summary", result)  # CatalogFailed carries the summary
-        if isinstance(summary, dict):
+        run = f"flow run {state.state_details.flow_run_id}"
+        if isinstance(summary, dict):  # every job ran: done, skipped or failed on its own
+            self._running = None
             c = summary["counts"]
             return (f"flow run {summary['flow_run_id']}: {c['done']} done, {c['skipped']} skipped, "
                     f"{c['failed']} failed (summary {summary['summary_uri']})")
-        return f"flow run {state.state_details.flow_run_id} ended {state.type.value}: {result}"
+        if request.kind == "manifest" and _verdict_on_upload(result):
+            self._running = None
+            return f"{run} ended {state.type.value}: {result} (not retried: fix and upload the manifest again)"
+        self.release_unfinished()
+        raise RunNotFinished(f"{run} ended {state.type.value} before its jobs ran: {result}")
+
+    def release_unfinished(self) -> None:
+        """Free the key of the run in progress, if any, so a redelivery starts it again."""
+        key, self._running = self._running, None
+        if key is not None:
+            self.ledger.release(key)
+
+
+def _verdict_on_upload(result: object) -> bool:
+    """True when a new manifest's run failed on the manifest itself (invalid, unreadable):
+    running it again would fail the same way; a storage outage might pass."""
+    return isinstance(result, StylizeError) and not isinstance(result, TransientStorageError)
 
 
 def check_standing_manifest(routes: Routes) -> None:
-    """Fail at start-up, not at the first batch, when the standing manifest is invalid or
-    unreadable (ManifestError) or writes under the images prefix (ConfigError)."""
+    """Raise when the standing manifest is invalid or unreadable (ManifestError, StorageError)
+    or writes under the images prefix (ConfigError). At start-up, and before each image run."""
     if routes.standing_manifest is None:
         return
     doc = load_manifest(routes.standing_manifest)
@@ -167,6 +204,8 @@ class Watcher:
         # Messages whose images wait in the batch: message id -> latest receipt handle.
         self.held: dict[str, str] = {}
         self.hold_seconds = min(SQS_MAX_VISIBILITY, math.ceil(self.batch.max_wait) + HOLD_MARGIN)
+        self.failed_batches = 0  # image runs that failed in a row: the backoff's exponent
+        self._last_problem: str | None = None  # logged once, not at every retry
 
     def run(self, *, max_polls: int | None = None, until_idle: bool = False) -> None:
         """Poll until stopped (Ctrl-C), ``max_polls`` polls, or, with ``until_idle``, a poll
@@ -243,11 +282,35 @@ class Watcher:
     def _start_batch(self) -> None:
         request = self.routes.images_run(self.batch.take())
         held, self.held = self.held, {}
-        if self._start(request):
+        problem = self._standing_problem()
+        if problem is None and self._start(request):
+            self.failed_batches, self._last_problem = 0, None
             self._delete([{"MessageId": i, "ReceiptHandle": r} for i, r in held.items()],
-                         "their batch's run was accepted")
-        else:
-            self._release(held)
+                         "their batch's run covered them")
+            return
+        self.failed_batches += 1
+        delay = self.backoff()
+        if problem is not None:
+            # Once per problem: a standing manifest broken for a day must not fill the log.
+            say = log.warning if problem != self._last_problem else log.debug
+            say("not starting the run for %s: %s; keeping its %d message(s), next try in %d s (doubling "
+                "while it fails, up to %d s)", request.reason, problem, len(held), delay, MAX_BACKOFF)
+            self._last_problem = problem
+        self._change_visibility(held, delay)
+
+    def backoff(self) -> int:
+        """Seconds before kept image messages come back: ``retry_after`` (at least 1) doubled for
+        each image run that failed in a row, at most ``MAX_BACKOFF``."""
+        base = max(1, self.retry_after)
+        return min(MAX_BACKOFF, base * 2 ** min(self.failed_batches - 1, 20))
+
+    def _standing_problem(self) -> str | None:
+        """Why the standing manifest must not run now (read afresh: it may have been edited), or None."""
+        try:
+            check_standing_manifest(self.routes)
+        except StylizeError as exc:
+            return str(exc)
+        return None
 
     def _start(self, request: RunRequest) -> bool:
         log.info("starting a run for %s (key %s)", request.reason, request.idempotency_key)
@@ -255,9 +318,9 @@ class Watcher:
             outcome = self.runs.start(request)
         except Exception as exc:
             # Whatever stopped it (the Prefect API down, the deployment gone, the manifest
-            # unreadable), the watcher goes on; the message comes back after retry_after.
-            log.warning("could not start the run for %s (%s: %s); SQS will deliver it again in %d s",
-                        request.reason, type(exc).__name__, exc, self.retry_after)
+            # unreadable, a storage outage), the watcher goes on; the message comes back later.
+            log.warning("the run for %s did not go through (%s: %s); keeping its message(s) for SQS to "
+                        "deliver again", request.reason, type(exc).__name__, exc)
             log.debug("the run for %s failed to start", request.reason, exc_info=True)
             return False
         log.info("run for %s: %s", request.reason, outcome)

@@ -3,22 +3,24 @@
 Each command parses its arguments, calls the library (or runs a flow), and
 turns a ``StylizeError`` into one line on stderr and an exit code:
 0 success, 1 a job failed, 2 bad usage, settings or manifest, 130 Ctrl+C,
-143 SIGTERM (``stylize run`` stops its running jobs first).
+143 SIGTERM (``run`` and ``watch`` stop their running jobs first, and end
+within seconds even when a request hangs: see ``stylize.app.interrupts``).
+A failed run prints its table and one line per failure, never a traceback
+(``-v`` logs it).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
 import signal
 import sys
-import threading
 from pathlib import Path
 from typing import Sequence
 
 from stylize.app.flags import add_engine_options, engine_overrides
+from stylize.app.interrupts import Terminated, bounded_interrupts
 from stylize.errors import StylizeError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -27,31 +29,6 @@ EXIT_INTERRUPTED, EXIT_TERMINATED = 128 + signal.SIGINT, 128 + signal.SIGTERM
 # Their DEBUG records print request headers, session tokens included: -v must not.
 _CREDENTIAL_LOGGERS = ("boto3", "botocore", "s3transfer")
 
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised in the main thread so that a run unwinds as it does on Ctrl+C."""
-
-
-def _raise_terminated(signum, frame):
-    raise Terminated()
-
-
-@contextlib.contextmanager
-def sigterm_interrupts():
-    """Within: SIGTERM raises ``Terminated`` in the main thread instead of killing the process.
-
-    Python's default would end the process at once, and during a flow Prefect's
-    own handler makes the run wait for its running jobs; this way the catalog
-    flow stops them (see flows/catalog.py) and the exit code is 143.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield  # signal handlers belong to the main thread
-        return
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 def settings_from(overrides: dict):
     """Validate overrides into Settings; errors name the flag."""
@@ -213,14 +190,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """stylize run MANIFEST: run the catalog flow in-process."""
-    with sigterm_interrupts():
+    with bounded_interrupts():
         return _run(args)
 
 
 def _run(args: argparse.Namespace) -> int:
     from stylize.errors import ConfigError
     from stylize.catalog.manifest import load_manifest, parse_shard
-    from stylize.app.view import RunView, quiet_prefect
+    from stylize.app.view import RunView, quiet_failures, quiet_prefect
 
     load_manifest(args.manifest)  # exit 2 on an invalid manifest before Prefect starts
     if args.shard:
@@ -229,6 +206,7 @@ def _run(args: argparse.Namespace) -> int:
     if overrides:
         settings_from(overrides)
     quiet_prefect()
+    from flows.api import ensure_api
     from flows.catalog import CatalogFailed, stylize_catalog
 
     catalog, workers = stylize_catalog, args.workers
@@ -238,7 +216,8 @@ def _run(args: argparse.Namespace) -> int:
         if args.device:
             raise ConfigError("--device picks this machine's devices; with --dask each job runs on a worker's GPU")
         catalog, workers = catalog_on_dask(args.dask, n_workers=args.workers), None
-    with RunView(enabled=not args.quiet) as view:
+    ensure_api()
+    with quiet_failures(verbose=args.verbose), RunView(enabled=not args.quiet) as view:
         state = catalog(
             manifest=args.manifest, output=args.output,
             devices=args.device.split(",") if args.device else None, workers=workers,
@@ -253,7 +232,8 @@ def _run(args: argparse.Namespace) -> int:
     else:
         if isinstance(result, BaseException) and isinstance(result, StylizeError):
             raise result
-        print(f"stylize: error: the run failed: {result}", file=sys.stderr)
+        hint = "" if args.verbose else " (-v logs the traceback)"
+        print(f"stylize: error: the run failed: {result}{hint}", file=sys.stderr)
         return EXIT_FAILED
     view.print_summary(summary)
     return EXIT_FAILED if summary["counts"]["failed"] else EXIT_OK
@@ -301,7 +281,7 @@ def _register_catalog_commands(sub) -> None:
 def cmd_watch(args: argparse.Namespace) -> int:
     """stylize watch --queue-url URL: start catalog runs from S3 notifications."""
     from stylize.catalog.events import Routes, RunLedger
-    from stylize.app.view import quiet_prefect
+    from stylize.app.view import quiet_failures, quiet_prefect
 
     routes = Routes(manifest_prefix=args.manifest_prefix, images_prefix=args.images_prefix,
                     standing_manifest=args.standing_manifest)
@@ -309,17 +289,23 @@ def cmd_watch(args: argparse.Namespace) -> int:
     for name in ("stylize.watch", "stylize.catalog.events"):
         logging.getLogger(name).setLevel(level)
     quiet_prefect()
+    from flows.api import ensure_api
     from flows.watch import DeploymentRuns, InProcessRuns, Watcher, check_standing_manifest
 
     check_standing_manifest(routes)
-    if args.deployment:
-        runs = DeploymentRuns(args.deployment)
-        runs.check()
-    else:
-        runs = InProcessRuns(RunLedger(os.path.join(os.path.expanduser(args.state_dir), "started-runs.sqlite3")))
-    watcher = Watcher(args.queue_url, routes, runs, debounce=args.debounce, max_wait=args.max_wait,
-                      wait_seconds=args.wait_seconds, retry_after=args.retry_after)
-    watcher.run()
+    ledger = None if args.deployment else RunLedger(
+        os.path.join(os.path.expanduser(args.state_dir), "started-runs.sqlite3"))
+    runs = DeploymentRuns(args.deployment) if ledger is None else InProcessRuns(ledger)
+    # On Ctrl+C or SIGTERM an in-process run frees its key as it unwinds; if unwinding hangs,
+    # the watchdog frees it before ending the process, so the redelivered message runs again.
+    last_rites = [runs.release_unfinished] if isinstance(runs, InProcessRuns) else []
+    with bounded_interrupts(last_rites=last_rites), quiet_failures(verbose=args.verbose):
+        ensure_api()
+        if isinstance(runs, DeploymentRuns):
+            runs.check()
+        watcher = Watcher(args.queue_url, routes, runs, debounce=args.debounce, max_wait=args.max_wait,
+                          wait_seconds=args.wait_seconds, retry_after=args.retry_after)
+        watcher.run()
     return EXIT_OK
 
 

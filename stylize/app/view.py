@@ -7,10 +7,11 @@ flow needs no knowledge of terminals and the view none of Prefect.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
-from typing import Any
+from typing import Any, Iterator
 
 PROGRESS_LOGGER = "stylize.app.view"
 
@@ -24,6 +25,36 @@ def quiet_prefect() -> None:
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("PREFECT_LOGGING_LOG_PRINTS", "false")
+
+
+class _NoRunTracebacks(logging.Filter):
+    """Drops Prefect's records of a run's exception (with their traceback) on the way to stderr.
+
+    A run whose jobs failed ends with ``CatalogFailed``; the summary table already says which
+    jobs failed and why, so its traceback is noise there. The record still reaches Prefect's
+    API handler (attached to the run loggers, not to the root), and the flow run is still
+    recorded as failed.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and record.name.startswith(("prefect.flow_runs", "prefect.task_runs")))
+
+
+@contextlib.contextmanager
+def quiet_failures(*, verbose: bool) -> Iterator[None]:
+    """Within: no Prefect run traceback on stderr, unless ``verbose`` (-v): then it goes to the log."""
+    if verbose:
+        yield
+        return
+    quiet = _NoRunTracebacks()
+    handlers = list(logging.getLogger().handlers)
+    for handler in handlers:
+        handler.addFilter(quiet)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(quiet)
 
 
 class RunView(logging.Handler):

@@ -243,6 +243,9 @@ class RunRequest:
     manifest: str
     idempotency_key: str
     reason: str
+    # "manifest": a new manifest's run of itself; "images": the standing manifest's run for
+    # new images (the manifest's problems are then not a verdict on the notifications).
+    kind: Literal["manifest", "images"] = "manifest"
 
     @property
     def parameters(self) -> dict[str, Any]:
@@ -365,6 +368,7 @@ class Routes:
             manifest=self.standing_manifest,
             idempotency_key=idempotency_key("images", self.standing_manifest, objects),
             reason=f"{count} new image(s) under {self.images}",
+            kind="images",
         )
 
     def plan(self, objects: Iterable[ObjectEvent]) -> list[RunRequest]:

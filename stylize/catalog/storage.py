@@ -33,7 +33,7 @@ from boto3.s3.transfer import TransferConfig
 from botocore import exceptions as bex
 from botocore.config import Config
 
-from stylize.errors import NotFoundError, StorageError, TransientStorageError
+from stylize.errors import Cancelled, NotFoundError, StorageError, TransientStorageError
 
 # S3 error codes that a later retry may fix. botocore's "standard" retry mode
 # already retried these; if they still surface, the caller may retry the task.
@@ -292,6 +292,8 @@ class Storage:
         self.read_timeout = read_timeout
         self._lock = threading.Lock()
         self._client = None
+        # Set by an interrupted run: from then on no request (first try or retry) is sent.
+        self.cancel: threading.Event | None = None
 
     def __repr__(self) -> str:
         return f"Storage(endpoint_url={self.endpoint_url!r}, region={self.region!r})"
@@ -302,6 +304,7 @@ class Storage:
         state = self.__dict__.copy()
         state["_lock"] = None
         state["_client"] = None
+        state["cancel"] = None  # an event belongs to this process's run
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -325,7 +328,25 @@ class Storage:
                                       connect_timeout=self.connect_timeout, read_timeout=self.read_timeout,
                                       max_pool_connections=64),  # one per concurrent task, with room
                     )
+                    # First in line, so an interrupted run neither sends a request nor sleeps
+                    # before a retry that would be refused anyway.
+                    events = self._client.meta.events
+                    events.register_first("before-send.s3", self._no_send_when_cancelled)
+                    events.register_first("needs-retry.s3", self._no_retry_when_cancelled)
         return self._client
+
+    def _no_send_when_cancelled(self, request, **kwargs) -> None:
+        """botocore hook: ``Cancelled`` instead of sending a request once ``cancel`` is set."""
+        if self.cancel is not None and self.cancel.is_set():
+            raise Cancelled(f"{request.url.split('?')[0]}: not sent, the run was interrupted")
+
+    def _no_retry_when_cancelled(self, request_dict, response=None, caught_exception=None, **kwargs) -> None:
+        """botocore hook: ``Cancelled`` instead of a retry (and its backoff sleep) once ``cancel``
+        is set; an answer that succeeded stands."""
+        failed = caught_exception is not None or (response is not None and response[0].status_code >= 300)
+        if failed and self.cancel is not None and self.cancel.is_set():
+            url = request_dict.get("url", "S3").split("?")[0]
+            raise Cancelled(f"{url}: not retried, the run was interrupted") from caught_exception
 
     def read(self, uri: str) -> bytes:
         """The whole content of ``uri``; NotFoundError if it does not exist.
@@ -357,6 +378,8 @@ class Storage:
         Local: a temporary file in the same folder, fsynced, then renamed over
         the target (parent folders are created). S3: a PUT is atomic by itself.
         """
+        if self.cancel is not None and self.cancel.is_set():
+            raise Cancelled(f"{uri}: not written, the run was interrupted")
         content_type = content_type or mimetypes.guess_type(uri)[0]
         if is_s3(uri):
             bucket, key = _object_key(uri)

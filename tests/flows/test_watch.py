@@ -196,7 +196,9 @@ def test_deployment_runs_are_created_once_and_survive_an_api_outage(
     name, deployment_id = deployment
     before = {r.id for r in flow_runs(deployment_id)}
     put_inputs(s3, bucket, image_bytes)
-    standing = f"s3://{bucket}/manifests/catalog.yaml"
+    # The watcher reads the standing manifest before each image run, in deployment mode too.
+    standing = put_manifest(s3, bucket, s3_server, "manifests/catalog.yaml", "out/catalog", grid={
+        "contents": [f"s3://{bucket}/photos/"], "styles": [f"s3://{bucket}/styles/starry.jpg"]}).uri
     queue = notify(s3, sqs, bucket)
     routes = Routes(manifest_prefix=f"s3://{bucket}/manifests/", images_prefix=f"s3://{bucket}/photos/",
                     standing_manifest=standing)

@@ -1,0 +1,99 @@
+"""Ctrl+C and SIGTERM for the long-running commands (``run``, ``watch``): stop, and end in time.
+
+On SIGINT the main thread gets ``KeyboardInterrupt``, on SIGTERM ``Terminated``,
+so a run unwinds the same way for both: the catalog flow sets its stop event,
+running jobs stop at their next iteration, and no storage attempt (botocore
+retry, Prefect task retry, finish-write retry) starts after it.
+
+Unwinding can still wait on a request that is already on the wire: Prefect's
+task runner and Python's exit both join the worker threads, and a stalled S3
+PUT holds its thread for its whole read timeout (60 s by default), then
+botocore's retries. So a watchdog, armed by the first signal, ends the process
+``EXIT_DEADLINE`` seconds later if it is still alive, after running the
+``last_rites`` callbacks (the watcher frees the idempotency key of its
+unfinished run there). It hears the signal through ``signal.set_wakeup_fd``,
+which the interpreter writes to whichever Python-level handler runs: during a
+flow run Prefect installs its own SIGTERM handler, so ours would not see it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+from typing import Callable, Iterable, Iterator
+
+log = logging.getLogger(__name__)
+
+#: Seconds from the first Ctrl+C or SIGTERM to the forced end of the process (under the
+#: 10 s promised, with room for a loaded machine to get the process scheduled).
+EXIT_DEADLINE = 6.0
+_WATCHED = {signal.SIGINT: 128 + signal.SIGINT, signal.SIGTERM: 128 + signal.SIGTERM}
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so that a run unwinds as it does on Ctrl+C."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def bounded_interrupts(*, deadline: float = EXIT_DEADLINE,
+                       last_rites: Iterable[Callable[[], None]] = ()) -> Iterator[None]:
+    """Within: SIGTERM raises ``Terminated`` (exit 143 instead of dying at once), and the first
+    SIGINT or SIGTERM arms a watchdog that ends the process ``deadline`` seconds later (exit
+    130 or 143), after calling each of ``last_rites``. Leaving the block normally disarms it;
+    after a signal it stays armed, as the interpreter's exit may wait on a hung thread too.
+    Outside the main thread (where signals cannot be handled) it does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    heard, wakeup = socket.socketpair()
+    wakeup.setblocking(False)  # set_wakeup_fd requires it
+    previous_fd = signal.set_wakeup_fd(wakeup.fileno(), warn_on_full_buffer=False)
+    previous_term = signal.signal(signal.SIGTERM, _raise_terminated)
+    armed = threading.Event()
+    watchdog = threading.Thread(target=_watch, args=(heard, armed, deadline, tuple(last_rites)),
+                                name="stylize-interrupt-watchdog", daemon=True)
+    watchdog.start()
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous_term)
+        signal.set_wakeup_fd(previous_fd)
+        wakeup.close()  # the watchdog's recv ends; once armed it no longer listens
+        if not armed.is_set():
+            watchdog.join(1.0)
+
+
+def _watch(heard: socket.socket, armed: threading.Event, deadline: float,
+           last_rites: tuple[Callable[[], None], ...]) -> None:
+    with heard:
+        while True:
+            try:
+                data = heard.recv(64)
+            except OSError:
+                return
+            if not data:  # the block was left without a signal
+                return
+            signals = [s for s in data if s in _WATCHED]
+            if signals:
+                break
+    armed.set()
+    # Sleep on an event nobody sets: a plain wait that ends at the deadline.
+    threading.Event().wait(deadline)
+    for rite in last_rites:
+        try:
+            rite()
+        except Exception:  # the process is ending anyway; say what could not be done
+            log.warning("while ending the process: %s failed", getattr(rite, "__name__", rite), exc_info=True)
+    print(f"stylize: still running {deadline:.0f} s after the interrupt (a storage request that does not "
+          "answer?); exiting without waiting for it", file=sys.stderr, flush=True)
+    os._exit(_WATCHED[signals[0]])
