@@ -58,6 +58,7 @@ class FaultProxy:
         self.stall_seconds = stall_seconds
         self.faults: list[tuple[str, str, str]] = []
         self.requests = 0
+        self.seen: list[tuple[float, str, str]] = []  # (time.monotonic(), method, path) of every request
         self._random = random.Random(seed)
         self._lock = threading.Lock()
         self._faulted = threading.Condition(self._lock)
@@ -137,6 +138,7 @@ class FaultProxy:
         """The fault for this request, or None to forward it untouched."""
         with self._lock:
             self.requests += 1
+            self.seen.append((time.monotonic(), method, path))
             if method not in self.methods or (self.path is not None and not self.path.search(path)):
                 return None
             if self.limit is not None and len(self.faults) >= self.limit:
@@ -226,3 +228,42 @@ def wait_until(condition, timeout: float, what: str, process: subprocess.Popen |
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(0.02)
+
+
+# --- processes left behind --------------------------------------------------------
+
+
+def _stat(pid: int) -> tuple[int, str, int] | None:
+    """(parent pid, state, start time in clock ticks) of ``pid`` from /proc, or None if it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text[text.rindex(")") + 2:].split()  # after "pid (comm) "; comm may hold spaces
+    return int(fields[1]), fields[0], int(fields[19])
+
+
+def descendants(pid: int) -> set[tuple[int, int]]:
+    """Every process whose parent chain leads to ``pid``, as (pid, start time): a reused pid
+    then cannot pass for a survivor."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (stat := _stat(int(entry.name))) is not None:
+            children.setdefault(stat[0], []).append(int(entry.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if (stat := _stat(child)) is not None:
+                found.add((child, stat[2]))
+                todo.append(child)
+    return found
+
+
+def survivors(processes: set[tuple[int, int]]) -> set[tuple[int, int]]:
+    """Those of ``processes`` still running (zombies, dead but not yet reaped, do not count)."""
+    alive = set()
+    for pid, started in processes:
+        stat = _stat(pid)
+        if stat is not None and stat[2] == started and stat[1] not in ("Z", "X"):
+            alive.add((pid, started))
+    return alive

@@ -71,21 +71,21 @@ def bounded_interrupts(*, deadline: float = EXIT_DEADLINE,
         wakeup.close()  # the watchdog's recv ends; once armed it no longer listens
         if not armed.is_set():
             watchdog.join(1.0)
+        heard.close()  # only now: a signal after the first still writes to the wakeup socket
 
 
 def _watch(heard: socket.socket, armed: threading.Event, deadline: float,
            last_rites: tuple[Callable[[], None], ...]) -> None:
-    with heard:
-        while True:
-            try:
-                data = heard.recv(64)
-            except OSError:
-                return
-            if not data:  # the block was left without a signal
-                return
-            signals = [s for s in data if s in _WATCHED]
-            if signals:
-                break
+    while True:
+        try:
+            data = heard.recv(64)
+        except OSError:
+            return
+        if not data:  # the block was left without a signal
+            return
+        signals = [s for s in data if s in _WATCHED]
+        if signals:
+            break
     armed.set()
     # Sleep on an event nobody sets: a plain wait that ends at the deadline.
     threading.Event().wait(deadline)

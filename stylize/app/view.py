@@ -125,8 +125,12 @@ class RunView(logging.Handler):
         table.add_row(str(c["done"]), str(c["skipped"]), str(c["failed"]), str(c["total"]),
                       f"{summary['seconds']:.1f}")
         console.print(table)
+        # soft_wrap: one line per failure however long (the terminal folds it, rich does not
+        # break it), so the lines can be read, grepped and counted.
         for failure in summary["failures"][:50]:
-            console.print(f"[red]failed[/red] {failure['job']}: {failure['error']}", markup=True, highlight=False)
+            console.print(f"[red]failed[/red] {failure['job']}: {failure['error']}", markup=True, highlight=False,
+                          soft_wrap=True)
         if len(summary["failures"]) > 50:
             console.print(f"... and {len(summary['failures']) - 50} more failures")
-        console.print(f"outputs in {summary['output']}; summary at {summary['summary_uri']}", highlight=False)
+        console.print(f"outputs in {summary['output']}; summary at {summary['summary_uri']}", highlight=False,
+                      soft_wrap=True)

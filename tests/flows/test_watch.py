@@ -5,14 +5,20 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
 import uuid
 from pathlib import Path
 
 import boto3
 import pytest
+from faults import FaultProxy, cli_env, kill
 
 from flows.catalog import stylize_catalog
-from flows.watch import DeploymentRuns, InProcessRuns, Watcher, check_standing_manifest
+from flows.watch import DeploymentRuns, InProcessRuns, RunNotFinished, Watcher, check_standing_manifest
 from stylize.app.cli import main
 from stylize.errors import ConfigError, PrefectApiError
 from stylize.app.aws_lambda import handler
@@ -35,9 +41,11 @@ def env(s3_server, monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
 
 
-def notify(s3, sqs, bucket: str) -> str:
-    """A fresh queue that receives the bucket's ObjectCreated notifications; returns its URL."""
-    url = sqs.create_queue(QueueName=f"stylize-{uuid.uuid4().hex[:12]}")["QueueUrl"]
+def notify(s3, sqs, bucket: str, visibility: int = 30) -> str:
+    """A fresh queue that receives the bucket's ObjectCreated notifications; returns its URL.
+    A received message comes back after ``visibility`` seconds unless deleted."""
+    url = sqs.create_queue(QueueName=f"stylize-{uuid.uuid4().hex[:12]}",
+                           Attributes={"VisibilityTimeout": str(visibility)})["QueueUrl"]
     arn = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
     s3.put_bucket_notification_configuration(Bucket=bucket, NotificationConfiguration={
         "QueueConfigurations": [{"QueueArn": arn, "Events": ["s3:ObjectCreated:*"]}],
@@ -169,6 +177,94 @@ def test_standing_manifest_writing_under_the_images_prefix_is_refused(s3, bucket
         "contents": [f"s3://{bucket}/photos/"], "styles": [f"s3://{bucket}/styles/starry.jpg"]}).uri
     with pytest.raises(ConfigError, match="would start new runs on themselves"):
         check_standing_manifest(Routes(images_prefix=f"s3://{bucket}/photos/", standing_manifest=standing))
+
+
+def poll_until(w: Watcher, condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
+        w.poll_once()
+
+
+def test_image_messages_stay_while_the_standing_manifest_cannot_run_and_retries_back_off(
+        s3, sqs, bucket, s3_server, env, image_bytes, tmp_path, caplog):
+    put_inputs(s3, bucket, image_bytes, photos=())
+    grid = {"contents": [f"s3://{bucket}/photos/"], "styles": [f"s3://{bucket}/styles/starry.jpg"]}
+    standing = put_manifest(s3, bucket, s3_server, "manifests/catalog.yaml", "out/catalog", grid=grid).uri
+    routes = Routes(images_prefix=f"s3://{bucket}/photos/", standing_manifest=standing)
+    check_standing_manifest(routes)  # valid when the watcher starts...
+    queue = notify(s3, sqs, bucket)
+    w = watcher(queue, sqs, routes, InProcessRuns(RunLedger(str(tmp_path / "started.sqlite3"))),
+                debounce=0, retry_after=1)
+
+    def refusals() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if r.getMessage().startswith("not starting the run")]
+
+    # ...then edited into an invalid one, and a photo arrives: nothing runs, the message stays.
+    put(s3, bucket, "manifests/catalog.yaml", b"version: 2\n")
+    put(s3, bucket, "photos/new.png", image_bytes("png", size=(32, 24), color=(10, 200, 30)))
+    with caplog.at_level(logging.DEBUG, logger="stylize.watch"):
+        poll_until(w, lambda: len(refusals()) == 2, 10, "two refusals")
+        # Edited again: now it writes under the images prefix, which looped (38 runs in 150 s).
+        put_manifest(s3, bucket, s3_server, "manifests/catalog.yaml", "photos/styled", grid=grid)
+        poll_until(w, lambda: len(refusals()) == 3, 10, "a third refusal")
+        assert in_queue(sqs, queue) == 1 and summaries(s3, bucket, "photos/styled") == []
+        # Fixed: the kept message comes back once more and its photo is stylized.
+        put_manifest(s3, bucket, s3_server, "manifests/catalog.yaml", "out/catalog", grid=grid)
+        poll_until(w, lambda: in_queue(sqs, queue) == 0, 30, "the photo's run")
+    first, again, other = refusals()
+    # Each problem is logged once as a warning; the repeat of the first only at debug level.
+    assert [r.levelno for r in (first, again, other)] == [logging.WARNING, logging.DEBUG, logging.WARNING]
+    assert "version" in first.getMessage() and "under the images prefix" in other.getMessage()
+    # The waits double (1 s, then 2 s), so a manifest broken for a day costs a read every 15 min.
+    assert again.created - first.created >= 0.9 and other.created - again.created >= 1.9
+    [run] = summaries(s3, bucket, "out/catalog")
+    assert run["counts"] == {"done": 1, "skipped": 0, "failed": 0, "total": 1}
+    assert "out/catalog/new__starry.png" in {o["Key"] for o in s3.list_objects_v2(Bucket=bucket)["Contents"]}
+
+
+def test_an_image_run_that_stops_short_frees_its_key_and_raises(s3, bucket, s3_server, env, tmp_path):
+    # In-process, a standing manifest that fails as the run starts (edited after the watcher's check)
+    # is no verdict on the images: the run raises, so the watcher keeps the messages, and the key is free.
+    put(s3, bucket, "manifests/catalog.yaml", b"version: 2\n")
+    ledger = RunLedger(str(tmp_path / "started.sqlite3"))
+    routes = Routes(images_prefix=f"s3://{bucket}/photos/", standing_manifest=f"s3://{bucket}/manifests/catalog.yaml")
+    request = routes.images_run([ObjectEvent(bucket, "photos/a.png", "e1")])
+    with pytest.raises(RunNotFinished, match="ended FAILED before its jobs ran"):
+        InProcessRuns(ledger).start(request)
+    assert ledger.claim(request)  # free again: a redelivery runs it
+
+
+def test_sigterm_during_a_stalled_upload_frees_the_key_so_the_redelivered_message_runs(
+        s3, sqs, bucket, s3_server, env, image_bytes, tmp_path):
+    put_inputs(s3, bucket, image_bytes)
+    queue = notify(s3, sqs, bucket, visibility=2)
+    ledger = tmp_path / "state" / "started-runs.sqlite3"
+    # The watcher's run stalls on its first image upload; SIGTERM arrives while it hangs.
+    with FaultProxy(s3_server, kinds=("stall",), methods=("PUT",), path=r"/out/[^/_][^/]*\.png$", limit=1,
+                    stall_seconds=120) as proxy:
+        put_manifest(s3, bucket, proxy.url, "manifests/one.yaml", "out", pairs=cat_pair(bucket))
+        log = tmp_path / "watch.log"
+        with open(log, "wb") as out:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "stylize.app.cli", "watch", "--queue-url", queue, "--manifest-prefix",
+                 f"s3://{bucket}/manifests/", "--state-dir", str(ledger.parent), "--wait-seconds", "1"],
+                env=cli_env(tmp_path / "prefect", AWS_ENDPOINT_URL=s3_server), stdout=out,
+                stderr=subprocess.STDOUT, cwd=Path(__file__).parent.parent.parent)
+        proxy.wait_for_fault(timeout=240)
+        seconds = kill(process, signal.SIGTERM, timeout=60)
+        assert process.returncode == 143, log.read_text()[-3000:]
+        assert seconds < 10, f"SIGTERM took {seconds:.1f} s to end the watcher"
+        with sqlite3.connect(ledger) as db:
+            assert db.execute("SELECT key FROM started").fetchall() == []  # the key was freed
+        assert in_queue(sqs, queue) == 1  # and the message kept
+
+        # SQS delivers it again (after 2 s here) to a new watcher, and this time the run goes through.
+        w = watcher(queue, sqs, Routes(manifest_prefix=f"s3://{bucket}/manifests/"),
+                    InProcessRuns(RunLedger(str(ledger))))
+        poll_until(w, lambda: in_queue(sqs, queue) == 0, 60, "the redelivered message's run")
+    [run] = summaries(s3, bucket, "out")
+    assert run["counts"] == {"done": 1, "skipped": 0, "failed": 0, "total": 1}
 
 
 # --- through the Prefect API -------------------------------------------------------------

@@ -1,0 +1,126 @@
+"""The `stylize` process around a run: a failed run is quiet (a table, no traceback), an interrupt
+ends it within 10 s even while an S3 request hangs, and kill -9 leaves no child process behind.
+Each test runs the command as a child process."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import boto3
+import pytest
+from faults import FaultProxy, cli_env, descendants, kill, start_run, survivors, wait_until
+
+pytestmark = pytest.mark.slow
+
+DATA = Path(__file__).parent.parent / "data"
+FAST = {"size": 32, "iterations": 2, "scales": 1, "precision": "float32"}
+ROOT = Path(__file__).parent.parent.parent
+
+
+def manifest(folder: Path, output: str, pairs: list[tuple[str, str]], settings: dict = FAST,
+             storage: str = "") -> Path:
+    shutil.copy(DATA / "chelsea.png", folder / "cat.png")
+    shutil.copy(DATA / "starry_night.jpg", folder / "starry.jpg")
+    path = folder / "manifest.yaml"
+    lines = "\n".join(f"  - {{content: {c}, style: {s}}}" for c, s in pairs)
+    path.write_text(f"version: 1\noutput: {output}\n{storage}\ndefaults: {json.dumps(settings)}\npairs:\n{lines}\n")
+    return path
+
+
+def test_a_run_with_failed_jobs_prints_its_table_and_no_traceback(tmp_path):
+    from prefect.client.orchestration import get_client
+
+    path = manifest(tmp_path, "out", [("cat.png", "starry.jpg"), ("missing.png", "starry.jpg"),
+                                      ("cat.png", "gone.jpg")])
+    run = subprocess.run([sys.executable, "-m", "stylize.app.cli", "run", str(path), "--quiet"], cwd=ROOT,
+                         env=cli_env(tmp_path / "prefect"), capture_output=True, text=True, timeout=240)
+    assert run.returncode == 1, run.stderr
+    assert "Traceback" not in run.stderr and "CatalogFailed" not in run.stderr, run.stderr
+    failed = {line.split(":")[0]: line for line in run.stdout.splitlines() if line.startswith("failed ")}
+    assert sorted(failed) == ["failed cat__gone", "failed missing__starry"], run.stdout  # one line each
+    assert failed["failed missing__starry"].endswith("missing.png: no such file")
+    assert failed["failed cat__gone"].endswith("gone.jpg: no such file")
+    assert "┃ done ┃ skipped ┃ failed ┃" in run.stdout
+
+    # Prefect still records the flow run as failed.
+    [summary] = (tmp_path / "out" / "_runs").glob("*.json")
+    with get_client(sync_client=True) as client:
+        state = client.read_flow_run(json.loads(summary.read_text())["flow_run_id"]).state
+    assert state.is_failed() and "2 job(s) failed" in state.message
+
+
+@pytest.mark.parametrize("scenario, sig, code", [("hung", signal.SIGINT, 130), ("retrying", signal.SIGTERM, 143)])
+def test_an_interrupt_during_a_stalled_upload_ends_the_run_within_10_s(scenario, sig, code, s3_server, bucket,
+                                                                       tmp_path):
+    # hung: the first image upload stalls for two minutes; botocore waits out its 60 s read timeout,
+    # then retries (5 times), and Prefect retries the task: Ctrl+C took 365 s before this change.
+    # retrying: every image upload stalls, and a 1 s read timeout makes botocore retry every few
+    # seconds: after the interrupt, none of those retries may start.
+    timeouts = {"hung": "", "retrying": ", read_timeout: 1, connect_timeout: 1"}[scenario]
+    storage = f'storage: {{{{endpoint_url: "{{}}", region: us-east-1{timeouts}}}}}'
+    with FaultProxy(s3_server, kinds=("stall",), methods=("PUT",), path=r"/out/[^/_][^/]*\.png$",
+                    limit=1 if scenario == "hung" else None, stall_seconds=120) as proxy:
+        path = manifest(tmp_path, f"s3://{bucket}/out", [("cat.png", "starry.jpg")],
+                        storage=storage.format(proxy.url))
+        log = tmp_path / "run.log"
+        process = start_run(path, cli_env(tmp_path / "prefect"), log=log)
+        proxy.wait_for_fault(1 if scenario == "hung" else 2, timeout=240)  # retrying: in botocore's retries
+        signalled = time.monotonic()
+        seconds = kill(process, sig, timeout=60)
+        after = [(method, where) for t, method, where in proxy.seen if t > signalled]
+    text = log.read_text()
+    assert process.returncode == code, text[-3000:]
+    assert seconds < 10, f"took {seconds:.1f} s to end after the signal"
+    assert after == [], f"storage requests after the interrupt: {after}"
+    assert "Traceback" not in text, text[-3000:]
+
+
+def environment_without_api(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """A child environment with no PREFECT_API_URL: the command starts its own temporary server."""
+    env = cli_env(tmp_path / "prefect", **extra)
+    env.pop("PREFECT_API_URL", None)
+    return env
+
+
+@pytest.mark.parametrize("command", ["run", "watch"])
+def test_kill_9_leaves_no_child_process(command, s3_server, tmp_path):
+    if command == "run":
+        # Under way (a snapshot per iteration shows it) and long enough to be killed mid-job.
+        path = manifest(tmp_path, "out", [("cat.png", "starry.jpg")],
+                        settings=dict(FAST, iterations=5000, save_every=1))
+        process = start_run(path, environment_without_api(tmp_path), log=tmp_path / "run.log")
+        under_way = lambda: descendants(process.pid) and any((tmp_path / "out").glob("*.iter*.png"))  # noqa: E731
+    else:
+        sqs = boto3.session.Session().client("sqs", endpoint_url=s3_server, region_name="us-east-1")
+        queue = sqs.create_queue(QueueName=f"stylize-{uuid.uuid4().hex[:12]}")["QueueUrl"]
+        log = open(tmp_path / "run.log", "wb")
+        process = subprocess.Popen(
+            [sys.executable, "-m", "stylize.app.cli", "watch", "--queue-url", queue, "--manifest-prefix",
+             "s3://nowhere/manifests/", "--state-dir", str(tmp_path / "state"), "--wait-seconds", "1"],
+            cwd=ROOT, env=environment_without_api(tmp_path, AWS_ENDPOINT_URL=s3_server),
+            stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        under_way = lambda: descendants(process.pid) and (tmp_path / "state").exists()  # noqa: E731
+    children: set[tuple[int, int]] = set()
+    try:
+        wait_until(under_way, 240, f"stylize {command} to start its children", process)
+        children = descendants(process.pid)
+        kill(process, signal.SIGKILL)
+        deadline = time.monotonic() + 10  # the kernel's signal is immediate; give them time to die
+        while survivors(children) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not survivors(children), f"still running after kill -9 of stylize {command}: {survivors(children)}"
+    finally:
+        if process.poll() is None:
+            process.kill()
+        for pid, _ in survivors(children):  # do not leave them to the next test
+            os.kill(pid, signal.SIGKILL)
+
