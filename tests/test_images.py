@@ -131,3 +131,108 @@ def test_yiq_roundtrip():
     x = images.to_tensor(photo())
     back = images.yiq_to_rgb(images.rgb_to_yiq(x))
     assert (back - x).abs().max() < 1e-5
+
+
+def linear_rgb_profile() -> bytes:
+    """A minimal ICC v2 display profile: sRGB's primaries with a linear tone curve (gamma 1.0).
+
+    A pixel value v in it means linear light v, which sRGB encodes as about
+    v ** (1 / 2.2): mid-grey 128 becomes about 188, so the conversion is plain to see.
+    """
+    import struct
+
+    def s15(v):
+        return struct.pack(">i", round(v * 65536))
+
+    def xyz(x, y, z):
+        return b"XYZ " + b"\0" * 4 + s15(x) + s15(y) + s15(z)
+
+    curve = b"curv" + b"\0" * 4 + struct.pack(">IH", 1, 0x0100) + b"\0\0"  # gamma 1.0, padded to 4 bytes
+    tags = [(b"wtpt", xyz(0.9642, 1.0, 0.8249)), (b"rXYZ", xyz(0.4361, 0.2225, 0.0139)),
+            (b"gXYZ", xyz(0.3851, 0.7169, 0.0971)), (b"bXYZ", xyz(0.1431, 0.0606, 0.7141)),
+            (b"rTRC", curve), (b"gTRC", curve), (b"bTRC", curve)]
+    offset = 128 + 4 + 12 * len(tags)
+    table, data = b"", b""
+    for sig, body in tags:
+        table += sig + struct.pack(">II", offset + len(data), len(body))
+        data += body
+    size = offset + len(data)
+    header = (struct.pack(">I", size) + b"lcms" + struct.pack(">I", 0x02100000) + b"mntrRGB XYZ " + b"\0" * 12
+              + b"acsp" + b"\0" * 24 + struct.pack(">I", 0) + s15(0.9642) + s15(1.0) + s15(0.8249) + b"\0" * 48)
+    assert len(header) == 128
+    return header + struct.pack(">I", len(tags)) + table + data
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "TIFF"])
+def test_embedded_icc_profile_is_converted_to_srgb(fmt):
+    im = Image.new("RGB", (8, 8), (128, 128, 128))
+    decoded = images.decode(encode(im, fmt, icc_profile=linear_rgb_profile()), name="linear.img")
+    r, g, b = decoded.getpixel((4, 4))
+    # linear 128/255 = 0.502 -> sRGB 0.735 = 187.5
+    assert abs(r - 188) <= 2 and abs(g - 188) <= 2 and abs(b - 188) <= 2
+    assert "icc_profile" not in decoded.info
+    # Without a profile the pixels are taken as sRGB, untouched.
+    assert images.decode(encode(im, fmt), name="plain.img").getpixel((4, 4)) == (128, 128, 128)
+
+
+def test_unusable_icc_profile_warns_and_keeps_pixels(caplog):
+    im = Image.new("RGB", (8, 8), (128, 128, 128))
+    decoded = images.decode(encode(im, "PNG", icc_profile=b"not a profile at all" * 8), name="bad-icc.png")
+    assert decoded.getpixel((0, 0)) == (128, 128, 128)
+    assert "bad-icc.png" in caplog.text and "ICC profile" in caplog.text
+
+
+def read_png16(data: bytes):
+    """The 16-bit samples of a PNG written with filter type 0 (as ``images`` writes them), (h, w, 3)."""
+    import struct
+    import zlib
+
+    import numpy as np
+
+    pos, idat, size = 8, b"", None
+    while pos < len(data):
+        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        body = data[pos + 8:pos + 8 + length]
+        if kind == b"IHDR":
+            size = struct.unpack(">IIBB", body[:10])
+        elif kind == b"IDAT":
+            idat += body
+        pos += 12 + length
+    w, h, depth, colour = size
+    assert (depth, colour) == (16, 2)
+    raw = np.frombuffer(zlib.decompress(idat), np.uint8).reshape(h, 1 + w * 6)
+    assert (raw[:, 0] == 0).all()
+    return raw[:, 1:].copy().view(">u2").reshape(h, w, 3)
+
+
+@pytest.mark.parametrize("fmt", ["png16", "tiff"])
+def test_16_bit_output_round_trips(fmt):
+    import numpy as np
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(1, 3, 24, 40, generator=gen)
+    data = images.encode(x, fmt, dpi=300)
+    expected = x[0].mul(65535).round().to(torch.int32).permute(1, 2, 0).numpy()  # (h, w, 3)
+    if fmt == "png16":
+        samples = read_png16(data).astype(np.int32)
+    else:  # one uncompressed strip at the end of the file
+        samples = np.frombuffer(data[-24 * 40 * 6:], "<u2").reshape(24, 40, 3).astype(np.int32)
+    assert (samples == expected).all()
+    assert len(np.unique(samples % 256)) > 200  # real 16-bit precision, not 8 bits widened
+    # An independent reader (Pillow, which reads 16-bit RGB down to 8 bits) sees the same picture,
+    # tagged sRGB at 300 dpi.
+    im = Image.open(io.BytesIO(data))
+    im.load()
+    assert im.size == (40, 24) and im.mode == "RGB"
+    assert (np.asarray(im).astype(np.int32) - (expected >> 8)).__abs__().max() <= 1
+    assert im.info["icc_profile"] == images.srgb_profile()
+    assert round(im.info["dpi"][0]) == 300
+
+
+@pytest.mark.parametrize("fmt", ["png", "jpeg", "webp"])
+def test_8_bit_outputs_are_tagged_srgb(fmt):
+    im = Image.open(io.BytesIO(images.encode(photo(), fmt, dpi=150)))
+    assert im.info["icc_profile"] == images.srgb_profile()
+    if fmt != "webp":  # WebP has no resolution field
+        assert round(im.info["dpi"][0]) == 150

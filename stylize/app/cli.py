@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "one or more style images; writes OUT and its metadata as OUT with a .json extension.")
     p.add_argument("content", help="content photo (path or s3:// URI)")
     p.add_argument("styles", nargs="+", metavar="style", help="style image(s)")
-    p.add_argument("-o", "--output", required=True, help="output image; .png, .jpg or .webp")
+    p.add_argument("-o", "--output", required=True, help="output image; .png, .jpg, .webp or .tif (16-bit)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     add_engine_options(p)

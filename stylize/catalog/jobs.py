@@ -237,7 +237,8 @@ class JobRunner:
         if settings.save_every and storage is not None:
             def snapshot(i, iteration, scale, image):  # noqa: E306 - written while the job runs
                 uri = _snapshot_uri(batch[i].image_uri, iteration)
-                storage.write(uri, images.encode(image, settings.format, quality=settings.quality))
+                storage.write(uri, images.encode(image, settings.format, quality=settings.quality,
+                                                 dpi=settings.dpi))
 
         began = datetime.now(timezone.utc)
         for p in batch:
@@ -350,10 +351,14 @@ def finish(prepared: Prepared, result, storage: Storage) -> Outcome:
     dies between the two writes. (So S3 needs delete permission only then.)
     """
     job = prepared.job
-    data = images.encode(result.image, job.settings.format, quality=job.settings.quality)
+    # 16-bit formats take the optimized float image, not its 8-bit rendering.
+    pixels = getattr(result, "pixels", None)
+    deep = job.settings.format in images.DEEP_FORMATS and pixels is not None
+    data = images.encode(pixels if deep else result.image, job.settings.format, quality=job.settings.quality,
+                         dpi=job.settings.dpi)
     if storage.exists(prepared.metadata_uri):
         storage.delete(prepared.metadata_uri)
-    storage.write(prepared.image_uri, data, content_type=f"image/{job.settings.format}")
+    storage.write(prepared.image_uri, data, content_type=images.MEDIA_TYPES[job.settings.format])
     meta = metadata.build_metadata(
         job=job, key=prepared.key, inputs=prepared.inputs.info, output_uri=prepared.image_uri,
         output_size=len(data), device=result.device, versions=versions(job.settings.weights),

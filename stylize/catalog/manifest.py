@@ -59,7 +59,7 @@ from stylize.catalog.storage import (
 
 VERSION = 1
 # Output file extension per Settings.format.
-_EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
+_EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp", "tiff": "tif", "png16": "png"}
 _TOP_KEYS = ("version", "output", "storage", "defaults", "pairs", "grid")
 _NO_JOBS = "no jobs: the manifest has neither `pairs` nor `grid`; add at least one of them"
 _NO_PAIRS = "no jobs: `pairs` is an empty list and there is no `grid`; add at least one pair"

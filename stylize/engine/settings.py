@@ -19,7 +19,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from stylize.engine.features import LAYER_NAMES
 
-Format = Literal["png", "jpeg", "webp"]
+Format = Literal["png", "jpeg", "webp", "tiff", "png16"]
+
+#: Units that max_memory accepts, in bytes.
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "K": 2**10, "M": 2**20, "G": 2**30}
 
 
 class Settings(BaseModel):
@@ -112,8 +116,13 @@ class Settings(BaseModel):
         "and a write."))
 
     format: Format = Field("png", json_schema_extra={"cli": False}, description=(
-        "Output encoding: png, jpeg or webp. PNG is lossless. Not a command-line flag: `stylize image` takes "
-        "it from the output's extension, manifests set it per job."))
+        "Output encoding: png, jpeg, webp, tiff (16-bit) or png16 (16-bit PNG). PNG is lossless; the 16-bit "
+        "formats keep the optimized image's precision, so smooth gradients in a large print do not band. "
+        "Not a command-line flag: `stylize image` takes it from the output's extension, manifests set it "
+        "per job."))
+    dpi: int | None = Field(None, ge=1, le=100000, json_schema_extra={"metavar": "DPI"}, description=(
+        "Resolution written into the output file, in dots per inch; unset writes none. A print shop reads it "
+        "as the print size: 4096 px at 300 dpi is 34.7 cm. It does not change the pixels."))
     quality: int = Field(95, ge=1, le=100, json_schema_extra={"metavar": "Q"}, description=(
         "JPEG/WebP quality. 95 keeps brush-stroke detail free of visible artefacts at about a third of "
         "PNG's size."))
@@ -125,6 +134,34 @@ class Settings(BaseModel):
     max_pixels: int = Field(4096 * 4096, ge=256, json_schema_extra={"metavar": "N"}, description=(
         "Pixel budget per output. 4096x4096 by default; a job over it (its size squared is the worst case) is refused "
         "before any work, with the size that would fit."))
+    max_memory: str | None = Field(None, json_schema_extra={"metavar": "SIZE"}, description=(
+        "Memory budget of the engine's peak use, e.g. 6GiB or 500MB; unset uses the device's free memory. "
+        "An output whose whole-image pass does not fit is optimized in tiles with exact global style "
+        "statistics (the same picture, a little slower), and the L-BFGS history is shortened to fit; a "
+        "budget below one tile is refused before any work."))
+    tile: int | None = Field(None, ge=16, json_schema_extra={"metavar": "PX"}, description=(
+        "Force tiled optimization with tile cores of this many pixels (a multiple of 16); unset decides from "
+        "max_memory. Each tile also computes a halo of 80 px around its core for the default layers, so "
+        "cores under 256 px spend most of their time on halos."))
+
+    @field_validator("max_memory")
+    @classmethod
+    def _memory_size(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_size(value)  # raises ValueError naming the accepted forms
+        return value
+
+    @field_validator("tile")
+    @classmethod
+    def _tile_stride(cls, value: int | None) -> int | None:
+        if value is not None and value % 16:
+            raise ValueError(f"must be a multiple of 16 px (VGG19's pooling stride at relu5_1), found {value}; "
+                             f"try {max(16, round(value / 16) * 16)}")
+        return value
+
+    def memory_budget(self) -> int | None:
+        """``max_memory`` in bytes, or None when unset."""
+        return None if self.max_memory is None else parse_size(self.max_memory)
 
     @field_validator("content_layers", "style_layers")
     @classmethod
@@ -191,6 +228,20 @@ class Settings(BaseModel):
         if self.learning_rate is not None:
             return self.learning_rate
         return 1.0 if self.optimizer == "lbfgs" else 0.02
+
+
+def parse_size(text: str) -> int:
+    """'6GiB', '500MB', '2g' or a plain byte count -> bytes (binary units for K/M/G alone)."""
+    raw = str(text).strip().replace(" ", "")
+    number = raw.rstrip("KMGTBibkmgt")
+    unit = raw[len(number):].upper()
+    try:
+        value = float(number)
+    except ValueError:
+        value = float("nan")
+    if unit not in _UNITS or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"expected a size such as 6GiB, 512MiB, 8GB or a byte count, found {text!r}")
+    return int(value * _UNITS[unit])
 
 
 def settings_error_problems(exc, prefix: str = "") -> list[tuple[str, str]]:
