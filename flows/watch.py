@@ -102,12 +102,13 @@ class InProcessRuns:
     already takes every device of this machine (a second run in a thread
     would only share them), and while it waits new notifications stay in
     SQS, which keeps them durably, rather than in memory. The ledger claims
-    a key before its run starts; a key already claimed starts nothing. A run
-    that stops short (an exception, Ctrl+C, SIGTERM) frees its key, so the
-    message, which was not deleted, starts it again when SQS delivers it
-    again. Only a watcher killed outright (SIGKILL) keeps the key: run the
-    manifest again (``stylize run``; finished jobs are skipped), or use a
-    deployment, where Prefect tracks the run.
+    a key before its run starts and marks it finished once the run has gone
+    through its jobs. A redelivered message whose run finished starts nothing
+    (and is deleted); one whose run goes on in another live watcher is kept
+    until that run ends. A run that stops short (an exception, Ctrl+C,
+    SIGTERM) frees its key, and one whose watcher was killed outright
+    (SIGKILL) is taken over by the next claim, so the message, which was not
+    deleted, starts it again when SQS delivers it again.
     """
 
     def __init__(self, ledger: RunLedger):
@@ -119,9 +120,13 @@ class InProcessRuns:
         for the log once the run covered the request; raises (and frees the key) when it did not."""
         from flows.catalog import stylize_catalog
 
+        key = request.idempotency_key
         if not self.ledger.claim(request):
-            return f"nothing: key {request.idempotency_key} was started before (ledger {self.ledger.path})"
-        self._running = request.idempotency_key
+            if self.ledger.finished(key):
+                return f"nothing: the run of key {key} finished before (ledger {self.ledger.path})"
+            raise RunNotFinished(f"key {key} is being run by another live process (ledger {self.ledger.path}); "
+                                 "its message stays until that run ends")
+        self._running = key
         try:
             state = stylize_catalog(manifest=request.manifest, return_state=True)
         except BaseException:
@@ -132,15 +137,19 @@ class InProcessRuns:
         summary = getattr(result, "summary", result)  # CatalogFailed carries the summary
         run = f"flow run {state.state_details.flow_run_id}"
         if isinstance(summary, dict):  # every job ran: done, skipped or failed on its own
-            self._running = None
+            self._finished()
             c = summary["counts"]
             return (f"flow run {summary['flow_run_id']}: {c['done']} done, {c['skipped']} skipped, "
                     f"{c['failed']} failed (summary {summary['summary_uri']})")
         if request.kind == "manifest" and _verdict_on_upload(result):
-            self._running = None
+            self._finished()
             return f"{run} ended {state.type.value}: {result} (not retried: fix and upload the manifest again)"
         self.release_unfinished()
         raise RunNotFinished(f"{run} ended {state.type.value} before its jobs ran: {result}")
+
+    def _finished(self) -> None:
+        key, self._running = self._running, None
+        self.ledger.finish(key)
 
     def release_unfinished(self) -> None:
         """Free the key of the run in progress, if any, so a redelivery starts it again."""

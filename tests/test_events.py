@@ -233,6 +233,38 @@ def test_ledger_claims_each_key_once_across_instances(tmp_path, routes):
     assert first.claim(request)
 
 
+def test_ledger_tells_a_finished_run_from_a_running_one_and_takes_over_a_dead_ones(tmp_path, routes):
+    request = routes.manifest_run(ObjectEvent("bkt", "manifests/a.yaml", "e1"))
+    path = tmp_path / "started.sqlite3"
+    # Another watcher process claims the key and is still running it.
+    code = (f"import sys; from stylize.catalog.events import RunLedger, RunRequest; "
+            f"print(RunLedger({str(path)!r}).claim(RunRequest(*{[request.manifest, request.idempotency_key, 'x']!r})), "
+            "flush=True); sys.stdin.read()")
+    owner = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert owner.stdout.readline().strip() == "True"
+        ledger = RunLedger(str(path))
+        assert not ledger.claim(request) and not ledger.finished(request.idempotency_key)  # keep the message
+    finally:
+        owner.kill()  # as kill -9 would: the run never finishes
+        owner.wait()
+    assert ledger.claim(request)  # its process is gone: the next delivery runs it
+    assert not ledger.claim(request)  # ours now, and this process is alive
+    ledger.finish(request.idempotency_key)
+    assert ledger.finished(request.idempotency_key) and not RunLedger(str(path)).claim(request)
+
+
+def test_ledger_written_before_owners_were_recorded_counts_its_keys_as_finished(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "old.sqlite3"
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE started (key TEXT PRIMARY KEY, manifest TEXT NOT NULL, reason TEXT NOT NULL, "
+                   "started TEXT NOT NULL)")
+        db.execute("INSERT INTO started VALUES ('k', 's3://b/m.yaml', 'old', '2026-01-01T00:00:00')")
+    assert RunLedger(str(path)).finished("k")
+
+
 @pytest.mark.parametrize("module", ["stylize.catalog.events", "stylize.app.aws_lambda"])
 def test_events_and_lambda_modules_import_neither_prefect_nor_torch(module):
     code = f"import sys, {module}; print(sorted({{'prefect', 'torch'}} & set(sys.modules)))"

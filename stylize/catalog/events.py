@@ -34,6 +34,7 @@ import hashlib
 import json
 import logging
 import os
+import socket
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -467,7 +468,12 @@ class RunLedger:
 
     The in-process stand-in for Prefect's flow-run idempotency keys: a key is
     claimed before its run starts, so a redelivered message finds it and
-    starts nothing. Safe for several processes sharing the file.
+    starts nothing. Each key records the process that runs it and, once the
+    run has gone through its jobs, that it finished. So a redelivered message
+    can tell a finished run (delete the message) from one still running in
+    another live process (keep the message until it ends), and a run whose
+    process died without a word (SIGKILL, power loss) is taken over by the
+    next claim. Safe for several processes sharing the file.
     """
 
     def __init__(self, path: str):
@@ -479,15 +485,43 @@ class RunLedger:
         with self._db() as db:
             db.execute("CREATE TABLE IF NOT EXISTS started (key TEXT PRIMARY KEY, manifest TEXT NOT NULL, "
                        "reason TEXT NOT NULL, started TEXT NOT NULL)")
+            columns = {row[1] for row in db.execute("PRAGMA table_info(started)")}
+            # Ledgers written before these columns: their rows (owner NULL) count as finished runs.
+            for column in ("owner", "finished"):
+                if column not in columns:
+                    db.execute(f"ALTER TABLE started ADD COLUMN {column} TEXT")
 
     def claim(self, request: RunRequest) -> bool:
-        """Record ``request`` as started; False when its key was already recorded."""
+        """Record ``request`` as started by this process; False when its key is taken: finished
+        (``finished`` says so) or running in a live process. A key whose process is gone is
+        taken over."""
+        now = datetime.now(timezone.utc).isoformat()
         with self._db() as db:
-            cursor = db.execute(
-                "INSERT OR IGNORE INTO started VALUES (?, ?, ?, ?)",
-                (request.idempotency_key, request.manifest, request.reason, datetime.now(timezone.utc).isoformat()),
-            )
-            return cursor.rowcount == 1
+            db.execute("BEGIN IMMEDIATE")  # the read and the write below see no other claim between
+            row = db.execute("SELECT owner, finished FROM started WHERE key = ?",
+                             (request.idempotency_key,)).fetchone()
+            if row is None:
+                db.execute("INSERT INTO started (key, manifest, reason, started, owner) VALUES (?, ?, ?, ?, ?)",
+                           (request.idempotency_key, request.manifest, request.reason, now, _this_process()))
+                return True
+            owner, finished = row
+            if finished is not None or owner is None or _alive(owner):
+                return False
+            log.warning("run %s was started by %s, which is gone; running it again", request.idempotency_key, owner)
+            db.execute("UPDATE started SET owner = ?, started = ? WHERE key = ?",
+                       (_this_process(), now, request.idempotency_key))
+            return True
+
+    def finished(self, key: str) -> bool:
+        """True when the run of ``key`` went through its jobs (its messages may go)."""
+        with self._db() as db:
+            row = db.execute("SELECT owner, finished FROM started WHERE key = ?", (key,)).fetchone()
+        return row is not None and (row[1] is not None or row[0] is None)
+
+    def finish(self, key: str) -> None:
+        """Record that the run of ``key`` went through its jobs."""
+        with self._db() as db:
+            db.execute("UPDATE started SET finished = ? WHERE key = ?", (datetime.now(timezone.utc).isoformat(), key))
 
     def release(self, key: str) -> None:
         """Forget ``key``: its run did not start after all, so a redelivery may start it."""
@@ -507,6 +541,38 @@ class RunLedger:
             raise StorageError(f"{self.path}: run ledger: {exc}") from exc
         finally:
             db.close()
+
+
+def _process_start(pid: int) -> str | None:
+    """When ``pid`` started (clock ticks since boot, from /proc), "dead" for a zombie, or None
+    when /proc cannot tell (no such process, or not Linux)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            text = stat.read()
+    except OSError:
+        return None
+    fields = text[text.rindex(")") + 2:].split()  # after "pid (name) ": a name may hold spaces
+    return "dead" if fields[0] in ("Z", "X") else fields[19]
+
+
+def _this_process() -> str:
+    """``host:pid:start``: names this process, so that a reused pid is not taken for it."""
+    return f"{socket.gethostname()}:{os.getpid()}:{_process_start(os.getpid()) or ''}"
+
+
+def _alive(owner: str) -> bool:
+    """Whether the process named by ``_this_process`` still runs; another host's counts as alive
+    (it cannot be checked, and keeping a message is the safe mistake)."""
+    host, pid, started = owner.rsplit(":", 2)
+    if host != socket.gethostname():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # it exists, under another user
+    return not started or _process_start(int(pid)) == started
 
 
 # --- deployment names --------------------------------------------------------------
