@@ -75,8 +75,13 @@ class DeploymentRuns:
         """Fail now, not at the first upload, when the deployment does not exist."""
         from prefect.client.orchestration import get_client
         from prefect.exceptions import ObjectNotFound
+        from prefect.settings import PREFECT_API_URL
 
         split_deployment_name(self.name, "--deployment")
+        if not PREFECT_API_URL.value():  # else Prefect would start a temporary server, with no deployments
+            raise ConfigError(f"--deployment {self.name!r}: deployments live on a Prefect server, and "
+                              "PREFECT_API_URL is not set; point it at the server (e.g. "
+                              "http://127.0.0.1:4200/api), or leave out --deployment to run in this process")
         try:
             with get_client(sync_client=True) as client:
                 client.read_deployment_by_name(self.name)

@@ -300,9 +300,10 @@ def cmd_watch(args: argparse.Namespace) -> int:
     # the watchdog frees it before ending the process, so the redelivered message runs again.
     last_rites = [runs.release_unfinished] if isinstance(runs, InProcessRuns) else []
     with bounded_interrupts(last_rites=last_rites), quiet_failures(verbose=args.verbose):
-        ensure_api()
         if isinstance(runs, DeploymentRuns):
             runs.check()
+        else:
+            ensure_api()
         watcher = Watcher(args.queue_url, routes, runs, debounce=args.debounce, max_wait=args.max_wait,
                           wait_seconds=args.wait_seconds, retry_after=args.retry_after)
         watcher.run()
@@ -332,7 +333,9 @@ def _register_watch_command(sub) -> None:
                    help="where in-process mode records the runs it started (default ~/.stylize/watch)")
     p.add_argument("--wait-seconds", type=int, default=20, metavar="S", help="SQS long-poll time, 0-20 (default 20)")
     p.add_argument("--retry-after", type=int, default=30, metavar="S",
-                   help="a message whose run could not start is delivered again after this long (default 30)")
+                   help="a message whose run could not start or stopped short is delivered again after this "
+                        "long; for image runs the wait doubles with each failure in a row, up to 15 min "
+                        "(default 30)")
     p.set_defaults(func=cmd_watch)
 
 

@@ -334,6 +334,17 @@ def test_deployment_runs_are_created_once_and_survive_an_api_outage(
     assert routes.manifest_run(later).idempotency_key in {r.idempotency_key for r in new_runs()}
 
 
+def test_watch_with_a_deployment_and_no_api_configured_says_so(tmp_path):
+    # Without PREFECT_API_URL Prefect would start a temporary server, which holds no deployments.
+    env = cli_env(tmp_path / "prefect")
+    env.pop("PREFECT_API_URL", None)
+    run = subprocess.run([sys.executable, "-m", "stylize.app.cli", "watch", "--queue-url", "http://127.0.0.1:9/1/q",
+                          "--manifest-prefix", "s3://b/m/", "--deployment", "stylize-catalog/nightly"],
+                         env=env, capture_output=True, text=True, timeout=120, cwd=Path(__file__).parent.parent.parent)
+    assert run.returncode == 2, run.stderr
+    assert "PREFECT_API_URL is not set" in run.stderr and "Traceback" not in run.stderr
+
+
 @pytest.mark.parametrize("args, message", [
     (["--manifest-prefix", "s3://b/m/", "--deployment", "stylize-catalog/nope"], "no such deployment"),
     (["--manifest-prefix", "s3://b/m/", "--deployment", "nope"], "expected 'flow name/deployment name'"),
