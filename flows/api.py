@@ -56,7 +56,9 @@ def ensure_api(*, startup_timeout: float | None = None) -> str | None:
     if threading.current_thread() is not threading.main_thread():
         raise RuntimeError("ensure_api: start the server from the main thread (PR_SET_PDEATHSIG "
                            "follows the thread that forks it)")
-    timeout = startup_timeout or float(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value())
+    # Wall-clock seconds, at least a minute: Prefect's own wait counts only its sleeps, and a fresh
+    # database's migrations on a busy machine took more than its 20 s default here.
+    timeout = startup_timeout or max(60.0, float(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()))
     process, url = _start_server(timeout)
     atexit.register(_stop, process)
     os.environ["PREFECT_API_URL"] = url

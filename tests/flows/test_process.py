@@ -90,13 +90,15 @@ def environment_without_api(tmp_path: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-@pytest.mark.parametrize("command", ["run", "watch"])
+@pytest.mark.parametrize("command", ["run", "run --dask local", "watch"])
 def test_kill_9_leaves_no_child_process(command, s3_server, tmp_path):
-    if command == "run":
-        # Under way (a snapshot per iteration shows it) and long enough to be killed mid-job.
+    if command.startswith("run"):
+        # Under way (a snapshot per iteration shows it) and long enough to be killed mid-job. With
+        # --dask local the children are also a Dask worker and multiprocessing's resource tracker.
         path = manifest(tmp_path, "out", [("cat.png", "starry.jpg")],
                         settings=dict(FAST, iterations=5000, save_every=1))
-        process = start_run(path, environment_without_api(tmp_path), log=tmp_path / "run.log")
+        dask = ["--dask", "local", "--workers", "1"] if "dask" in command else []
+        process = start_run(path, environment_without_api(tmp_path), *dask, log=tmp_path / "run.log")
         under_way = lambda: descendants(process.pid) and any((tmp_path / "out").glob("*.iter*.png"))  # noqa: E731
     else:
         sqs = boto3.session.Session().client("sqs", endpoint_url=s3_server, region_name="us-east-1")
