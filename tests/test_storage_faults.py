@@ -92,3 +92,33 @@ def test_temporary_files_left_by_a_killed_write_are_not_taken_for_images(tmp_pat
     manifest = tmp_path / "manifest.yaml"
     manifest.write_text("version: 1\noutput: out\ngrid: {contents: [photos/], styles: [style.png]}\n")
     assert [job.name for job in load_manifest(str(manifest)).jobs(Storage())] == ["cat__style"]
+
+
+def test_a_cancelled_storage_sends_nothing_and_retries_nothing(s3_server, stored):
+    import threading
+
+    from stylize.errors import Cancelled
+
+    with FaultProxy(s3_server, kinds=("stall",), methods=("GET",)) as proxy:
+        storage = Storage(endpoint_url=proxy.url, read_timeout=0.5)  # botocore would retry 5 times
+        storage.cancel = threading.Event()
+        outcome: list[BaseException] = []
+
+        def read():
+            try:
+                storage.read(stored)
+            except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+                outcome.append(exc)
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        proxy.wait_for_fault(timeout=10)
+        storage.cancel.set()  # the run is interrupted while the first attempt stalls
+        reader.join(10)
+        assert isinstance(outcome[0], Cancelled) and "not retried" in str(outcome[0])
+        assert len(proxy.faults) == 1  # no retry went out
+        with pytest.raises(Cancelled, match="not written"):
+            storage.write(stored.replace("k.bin", "w.bin"), b"new")
+        with pytest.raises(Cancelled, match="not sent"):
+            storage.stat(stored)
+        assert proxy.requests == 1

@@ -59,8 +59,7 @@ def bounded_interrupts(*, deadline: float = EXIT_DEADLINE,
     wakeup.setblocking(False)  # set_wakeup_fd requires it
     previous_fd = signal.set_wakeup_fd(wakeup.fileno(), warn_on_full_buffer=False)
     previous_term = signal.signal(signal.SIGTERM, _raise_terminated)
-    armed = threading.Event()
-    watchdog = threading.Thread(target=_watch, args=(heard, armed, deadline, tuple(last_rites)),
+    watchdog = threading.Thread(target=_watch, args=(heard, deadline, tuple(last_rites)),
                                 name="stylize-interrupt-watchdog", daemon=True)
     watchdog.start()
     try:
@@ -68,25 +67,27 @@ def bounded_interrupts(*, deadline: float = EXIT_DEADLINE,
     finally:
         signal.signal(signal.SIGTERM, previous_term)
         signal.set_wakeup_fd(previous_fd)
-        wakeup.close()  # the watchdog's recv ends; once armed it no longer listens
-        if not armed.is_set():
-            watchdog.join(1.0)
-        heard.close()  # only now: a signal after the first still writes to the wakeup socket
+        # The watchdog reads what is left (a signal that came just now still arms it), then the
+        # end of the stream, and goes. Not joined: an armed one must outlive this block.
+        wakeup.close()
 
 
-def _watch(heard: socket.socket, armed: threading.Event, deadline: float,
+def _watch(heard: socket.socket, deadline: float,
            last_rites: tuple[Callable[[], None], ...]) -> None:
+    # Not a thread the kernel may hand the signal to: the main thread must get it, and raise.
+    signal.pthread_sigmask(signal.SIG_BLOCK, set(_WATCHED))
     while True:
         try:
             data = heard.recv(64)
         except OSError:
-            return
+            data = b""
         if not data:  # the block was left without a signal
+            heard.close()
             return
         signals = [s for s in data if s in _WATCHED]
         if signals:
             break
-    armed.set()
+    # ``heard`` stays open: while the block lasts, later signals still write to its peer.
     # Sleep on an event nobody sets: a plain wait that ends at the deadline.
     threading.Event().wait(deadline)
     for rite in last_rites:

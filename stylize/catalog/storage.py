@@ -343,6 +343,8 @@ class Storage:
     def _no_retry_when_cancelled(self, request_dict, response=None, caught_exception=None, **kwargs) -> None:
         """botocore hook: ``Cancelled`` instead of a retry (and its backoff sleep) once ``cancel``
         is set; an answer that succeeded stands."""
+        if isinstance(caught_exception, Cancelled):
+            return None  # refused before sending: not retryable, so botocore raises it as it is
         failed = caught_exception is not None or (response is not None and response[0].status_code >= 300)
         if failed and self.cancel is not None and self.cancel.is_set():
             url = request_dict.get("url", "S3").split("?")[0]
