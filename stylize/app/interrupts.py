@@ -75,7 +75,8 @@ def bounded_interrupts(*, deadline: float = EXIT_DEADLINE,
 def _watch(heard: socket.socket, deadline: float,
            last_rites: tuple[Callable[[], None], ...]) -> None:
     # Not a thread the kernel may hand the signal to: the main thread must get it, and raise.
-    signal.pthread_sigmask(signal.SIG_BLOCK, set(_WATCHED))
+    if hasattr(signal, "pthread_sigmask"):  # POSIX
+        signal.pthread_sigmask(signal.SIG_BLOCK, set(_WATCHED))
     while True:
         try:
             data = heard.recv(64)
