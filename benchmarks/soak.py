@@ -3,7 +3,7 @@
 Runs 2,000 tiny jobs (32 px, 1 iteration, distinct photos, one style) through
 the ``stylize-catalog`` flow in this process and prints the process's resident
 memory (VmRSS) every 250 finished jobs, sampled when the flow reports the job
-on the ``stylize.app.view`` logger. The target: RSS at the end within 5% of
+(a ``JobFinished`` progress event). The target: RSS at the end within 5% of
 RSS after the first 250 jobs (by then the model, Prefect's client and the
 allocator's pools are warm; what grows after that grows with the jobs).
 
@@ -14,7 +14,6 @@ allocator's pools are warm; what grows after that grows with the jobs).
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 import tempfile
@@ -34,20 +33,21 @@ def rss_mib() -> float:
     raise RuntimeError("no VmRSS in /proc/self/status (Linux only)")
 
 
-class RssSampler(logging.Handler):
-    """Records (finished jobs, RSS) every ``every`` jobs from the flow's "job" progress events."""
+class RssSampler:
+    """Records (finished jobs, RSS) every ``every`` jobs from the flow's ``JobFinished`` events."""
 
     def __init__(self, every: int):
-        super().__init__(logging.INFO)
         self.every = every
         self.samples: list[tuple[int, float]] = []
         self.started = time.perf_counter()
 
-    def emit(self, record: logging.LogRecord) -> None:
-        if record.getMessage() == "job" and record.finished % self.every == 0:
+    def __call__(self, event) -> None:
+        from stylize.catalog.progress import JobFinished
+
+        if isinstance(event, JobFinished) and event.finished % self.every == 0:
             rss = rss_mib()
-            self.samples.append((record.finished, rss))
-            print(f"{record.finished:>6} jobs  RSS {rss:7.1f} MiB  "
+            self.samples.append((event.finished, rss))
+            print(f"{event.finished:>6} jobs  RSS {rss:7.1f} MiB  "
                   f"({time.perf_counter() - self.started:6.0f} s)", flush=True)
 
 
@@ -65,14 +65,12 @@ def main() -> None:
                             "defaults: {size: 32, iterations: 1, scales: 1, precision: float32}\n"
                             "grid:\n  contents: [photos/]\n  styles: [style.png]\n")
         from flows.catalog import stylize_catalog
+        from stylize.catalog.progress import reporting
 
-        progress = logging.getLogger("stylize.app.view")
         sampler = RssSampler(args.every)
-        progress.addHandler(sampler)
-        progress.setLevel(logging.INFO)
-        progress.propagate = False
         print(f"{args.jobs} jobs of 32 px, 1 iteration; RSS before the run {rss_mib():.1f} MiB", flush=True)
-        summary = stylize_catalog(manifest=str(manifest))
+        with reporting(sampler):
+            summary = stylize_catalog(manifest=str(manifest))
 
     c = summary["counts"]
     print(f"done {c['done']}, skipped {c['skipped']}, failed {c['failed']} in {summary['seconds']:.0f} s "

@@ -1,28 +1,35 @@
-"""The ``stylize-catalog`` flow: stylize every pair of a manifest, one task per job.
+"""The ``stylize-catalog`` flow: stylize every pair of a manifest, one task per group of jobs.
 
-The flow expands the manifest lazily and submits jobs in batches, so a
-catalog of 100,000 jobs never has more than one batch of tasks in flight and
-memory does not grow with the jobs already finished. Each task takes a free
-device slot (on a Dask task runner: the device of the worker that the
-scheduler chose, see ``flows/dask.py``), runs one job through the library's
-``JobRunner`` (read, skip if complete, stylize, write image then metadata) and
-returns a small ``Outcome``. Only transient storage errors are retried
-(``retry_delay`` sets the backoff); a bad input fails its own job and the
-others go on. When the run is interrupted (Ctrl+C, or SIGTERM, which Prefect
-raises in the flow as ``TerminationSignal``) the running jobs stop at their
-next iteration and no storage attempt starts after it (``stop_storage``), so
-the process exits promptly with nothing half-written.
+The flow expands the manifest lazily and keeps at most ``max_in_flight``
+jobs submitted at a time, so a catalog of 100,000 jobs never holds more
+than one window of tasks and memory does not grow with the jobs already
+finished. Each window splits into groups of 1 to ``images_per_batch`` jobs
+that share styles and settings, and each group is one ``stylize_jobs``
+task: it takes a free device slot (on a Dask task runner: the device of the
+worker that the scheduler chose, see ``flows/dask.py``), reads and decodes
+its jobs, optimizes their images together (one VGG19 pass for all), gives
+the device back and writes each job's outputs in a ``write_outputs`` task.
+A group of one is simply a small batch: there is one job path.
 
-Progress goes to the ``stylize.app.view`` logger (the CLI draws it), and the
-run ends with table, markdown and progress artifacts and a summary JSON at
-``OUTPUT/_runs/<flow-run-id>.json``.
+One retry policy, Prefect's: only transient storage errors are retried
+(``retry_delay`` sets the backoff), on the task where they happen. A write
+that fails is retried by its own task, so it never computes the image
+again and never fails the rest of its group; a bad input fails its own job
+and the others go on. When the run is interrupted (Ctrl+C, or SIGTERM,
+which Prefect raises in the flow as ``TerminationSignal``) the running jobs
+stop at their next iteration and no storage attempt starts after it
+(``stop_storage``), so the process exits promptly with nothing half-written.
+
+Progress goes out as typed events (``stylize.catalog.progress``: run
+started, iteration, job finished) to whoever listens, the CLI's view when
+there is one; the run ends with table, markdown and progress artifacts and
+a summary JSON at ``OUTPUT/_runs/<flow-run-id>.json``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import random
 import threading
 import time
 from collections import deque
@@ -39,15 +46,15 @@ from prefect.futures import as_completed
 from prefect.tasks import exponential_backoff
 
 from stylize.errors import Cancelled, ConfigError, StylizeError, TransientStorageError
-from stylize.catalog.jobs import Outcome, batch_key, finish, guarded, prepare
+from stylize.catalog.jobs import Outcome, Prepared, batch_key, finish, guarded, prepare
 from stylize.catalog.manifest import Job, Manifest, in_shard, load_manifest, parse_shard, storage_for
+from stylize.catalog.progress import Iteration, JobFinished, RunStarted, emit
 from stylize.catalog.storage import Storage, join
 
 from .dask import cluster_gpus, dask_client, dask_task_runner, job_resources, worker_device
 from .devices import plan_devices, pool_for, runner_for
 
 log = logging.getLogger(__name__)
-progress_log = logging.getLogger("stylize.app.view")
 
 #: Rows kept for the table artifact; the summary JSON keeps every failure.
 TABLE_ROWS = 500
@@ -83,73 +90,58 @@ def load(manifest_uri: str) -> Manifest:
     return load_manifest(manifest_uri)
 
 
-@task(name="stylize-job", task_run_name="{job.name}", retries=3,
+#: Tries of a job's writes after the first (the write task's retries).
+WRITE_RETRIES = 3
+
+
+@task(name="write-outputs", task_run_name="write {prepared.job.name}", retries=WRITE_RETRIES,
       retry_delay_seconds=exponential_backoff(2), retry_jitter_factor=0.5,
       retry_condition_fn=_transient_only, cache_policy=NO_CACHE, persist_result=False)
-def stylize_job(job: Job, storage: Storage, slots: list[str] | None,
-                cancel: threading.Event | None = None) -> Outcome:
-    """Run one job: its reads and decoding before taking a device, its writes after
-    giving it back, so I/O of other jobs overlaps the device's compute. The device is
-    a free one of ``slots``, or with ``slots=None`` (on Dask) the worker's own.
-    Setting ``cancel`` stops the optimization (``Cancelled``)."""
-    refuse_if_cancelled(cancel, job.name)  # a Prefect retry that comes due after an interrupt
-    prepared = prepare(job, storage)
-    if isinstance(prepared, Outcome):  # skipped, or unusable inputs
-        return prepared
-
-    def report(record):  # per-iteration progress for the CLI
-        progress_log.debug("iteration", extra={"job": job.name, "record": record})
-
-    with pool_for(slots).device() if slots else nullcontext(worker_device()) as device:
-        result = guarded(job, prepared.started,
-                         lambda: runner_for(device).compute(prepared, report, storage, cancel=cancel))
-    if isinstance(result, Outcome):
-        return result
-    return guarded(job, prepared.started, lambda: finish(prepared, result, storage))
+def write_outputs(prepared: Prepared, result: Any, storage: Storage) -> Outcome:
+    """Write one job's image, then its metadata. A task of its own, so that Prefect retries a
+    transient storage error here without computing the image again, and a write that keeps
+    failing fails this job alone, never the others of its group."""
+    return guarded(prepared.job, prepared.started, lambda: finish(prepared, result, storage))
 
 
-@task(name="stylize-batch", task_run_name="{jobs[0].name} +{n_more}", retries=3,
+def _group_name() -> str:
+    from prefect.runtime import task_run
+
+    jobs = task_run.parameters["jobs"]
+    return jobs[0].name if len(jobs) == 1 else f"{jobs[0].name} +{len(jobs) - 1}"
+
+
+@task(name="stylize-jobs", task_run_name=_group_name, retries=3,
       retry_delay_seconds=exponential_backoff(2), retry_jitter_factor=0.5,
       retry_condition_fn=_transient_only, cache_policy=NO_CACHE, persist_result=False)
-def stylize_batch(jobs: list[Job], storage: Storage, slots: list[str] | None, n_more: int = 0,
-                  cancel: threading.Event | None = None, retry_delay: float = 2.0) -> list[Outcome]:
-    """Run jobs that share styles and settings as optimization batches on one device.
+def stylize_jobs(jobs: list[Job], storage: Storage, slots: list[str] | None,
+                 cancel: threading.Event | None = None, retry_delay: float = 2.0) -> list[Outcome]:
+    """Run a group of 1 to N jobs that share styles and settings; one ``Outcome`` per job.
 
-    Jobs whose images also share a size go through VGG19 together, each with
-    its own L-BFGS history (``Engine.run_batch``), so the pictures are the
-    ones each job gives alone. If a batch fails as a whole (one image's loss
-    diverging, say), its jobs run one by one so that only the bad one fails.
-    Each job's writes are retried on their own (``finish_alone``), so that a
-    key that cannot be written fails its job only, and a storage hiccup does
-    not make the whole batch compute again.
+    Each job's reads and decoding happen before taking a device and its writes
+    after giving it back, so the I/O of other groups overlaps the device's
+    compute. The device is a free one of ``slots``, or with ``slots=None`` (on
+    Dask) the worker's own. Jobs whose images also share a size go through
+    VGG19 together, each with its own L-BFGS history (``Engine.run_batch``),
+    so the pictures are the ones each job gives alone. Each job's writes are
+    a ``write_outputs`` task with its own retries (after about ``retry_delay``
+    x 1, 2 and 4 s). A transient storage error before the writes (reading
+    inputs) retries this task. Setting ``cancel`` stops the optimization
+    (``Cancelled``).
     """
     refuse_if_cancelled(cancel, jobs[0].name)  # a Prefect retry that comes due after an interrupt
     outcomes: list[Outcome] = []
-    groups: dict[tuple, list] = {}
+    batches: dict[tuple, list[Prepared]] = {}
     for job in jobs:
         prepared = prepare(job, storage)
-        if isinstance(prepared, Outcome):
+        if isinstance(prepared, Outcome):  # skipped, or unusable inputs
             outcomes.append(prepared)
         else:
-            groups.setdefault(batch_key(prepared), []).append(prepared)
-
-    def report(prepared, record):  # per-iteration progress for the CLI
-        progress_log.debug("iteration", extra={"job": prepared.job.name, "record": record})
-
-    for group in groups.values():
-        with pool_for(slots).device() if slots else nullcontext(worker_device()) as device:
-            runner = runner_for(device)
-            try:
-                results = runner.compute_batch(group, report, storage, cancel=cancel)
-            except (TransientStorageError, Cancelled):
-                raise
-            except StylizeError:
-                results = [guarded(p.job, p.started,
-                                   lambda p=p: runner.compute_batch([p], report, storage, cancel=cancel)[0])
-                           for p in group]
-        for prepared, result in zip(group, results):
-            outcomes.append(result if isinstance(result, Outcome)
-                            else finish_alone(prepared, result, storage, retry_delay, cancel))
+            batches.setdefault(batch_key(prepared), []).append(prepared)
+    write = write_outputs.with_options(retry_delay_seconds=exponential_backoff(retry_delay))
+    for batch in batches.values():
+        for prepared, result in zip(batch, _compute(batch, storage, slots, cancel)):
+            outcomes.append(result if isinstance(result, Outcome) else _write(write, prepared, result, storage))
     return outcomes
 
 
@@ -166,34 +158,44 @@ def stop_storage(storage: Storage, stop: threading.Event | None) -> Storage:
     return storage
 
 
-#: Tries of a batched job's writes after the first, as the tasks' retries.
-WRITE_RETRIES = 3
+def _report(prepared: Prepared, record) -> None:
+    emit(Iteration(prepared.job.name, record, prepared.job.settings.iterations))
 
 
-def finish_alone(prepared, result, storage: Storage, retry_delay: float,
-                 cancel: threading.Event | None = None) -> Outcome:
-    """Write one batched job's outputs, retrying transient storage errors like a task would
-    (``WRITE_RETRIES`` more tries, after about ``retry_delay`` x 1, 2 and 4 s, jittered);
-    when they run out, the job fails with the last error and its batch-mates are unaffected."""
-    job = prepared.job
-    delays = iter(exponential_backoff(retry_delay)(WRITE_RETRIES))  # the tasks' own schedule
-    while True:
+def _compute(batch: list[Prepared], storage: Storage, slots: list[str] | None,
+             cancel: threading.Event | None) -> list:
+    """Optimize ``batch`` on a device: a result per job, or its failed ``Outcome``. If the batch
+    fails as a whole (one image's loss diverging, say), its jobs run one by one so that only the
+    bad one fails."""
+    with pool_for(slots).device() if slots else nullcontext(worker_device()) as device:
+        runner = runner_for(device)
+        step = lambda group: runner.compute_batch(group, _report, storage, cancel=cancel)  # noqa: E731
+        if len(batch) == 1:
+            return [guarded(batch[0].job, batch[0].started, lambda: step(batch)[0])]
         try:
-            return guarded(job, prepared.started, lambda: finish(prepared, result, storage))
-        except TransientStorageError as exc:
-            delay = next(delays, None)
-            if delay is None:
-                log.info("job %s failed: %s", job.name, exc)
-                return Outcome(job.name, "failed", time.perf_counter() - prepared.started, error=str(exc))
-            delay *= 1 + 0.5 * random.random()  # jittered as the tasks' retry_jitter_factor=0.5
-            log.info("job %s: %s; writing again in %.1f s", job.name, exc, delay)
-            stopped = cancel.wait(delay) if cancel is not None else time.sleep(delay)
-            if stopped:
-                raise Cancelled(f"{job.name}: interrupted before its outputs were written") from exc
+            return step(batch)
+        except (TransientStorageError, Cancelled):
+            raise
+        except StylizeError:
+            return [guarded(p.job, p.started, lambda p=p: step([p])[0]) for p in batch]
+
+
+def _write(write, prepared: Prepared, result, storage: Storage) -> Outcome:
+    """Run the write task for one job; when its retries run out, the job fails with the last error."""
+    state = write(prepared, result, storage, return_state=True)
+    outcome = state.result(raise_on_failure=False)
+    if isinstance(outcome, Cancelled):
+        raise outcome
+    if isinstance(outcome, BaseException) or not isinstance(outcome, Outcome):
+        log.info("job %s failed: %s", prepared.job.name, outcome)
+        error = str(outcome) if isinstance(outcome, BaseException) else "its write task failed"
+        return Outcome(prepared.job.name, "failed", time.perf_counter() - prepared.started, error=error)
+    return outcome
 
 
 def _groups(jobs: list[Job], per_batch: int) -> list[list[Job]]:
-    """Split a window of jobs into groups of up to ``per_batch`` sharing styles and settings."""
+    """Split a window of jobs into groups of up to ``per_batch`` sharing styles and settings:
+    each group is one ``stylize_jobs`` task, its images optimized together."""
     by_key: dict[tuple, list[Job]] = {}
     for job in jobs:
         by_key.setdefault((job.styles, job.settings), []).append(job)
@@ -227,16 +229,19 @@ def count_jobs(doc: Manifest, storage: Storage, settings, output, shard) -> int:
     return sum(1 for _ in _jobs(doc, storage, settings, output, shard))
 
 
-def _batches(jobs: Iterable[Job], size: int) -> Iterator[list[Job]]:
+def _windows(jobs: Iterable[Job], size: int) -> Iterator[list[Job]]:
+    """The jobs in windows of ``size``: what the flow keeps in flight at once."""
     it = iter(jobs)
-    while batch := list(islice(it, size)):
-        yield batch
+    while window := list(islice(it, size)):
+        yield window
 
 
 class _Tally:
-    """Counts and a bounded window of rows, so memory stays flat over 100,000 jobs."""
+    """Counts and a bounded window of rows, so memory stays flat over 100,000 jobs; reports each
+    outcome as a ``JobFinished`` event."""
 
-    def __init__(self):
+    def __init__(self, total: int):
+        self.total = total  # jobs the run expects
         self.counts = {"done": 0, "skipped": 0, "failed": 0}
         self.failures: list[dict[str, str]] = []
         self.rows: deque[dict[str, Any]] = deque(maxlen=TABLE_ROWS)
@@ -248,9 +253,11 @@ class _Tally:
         if outcome.status == "failed":
             self.failures.append({"job": outcome.job, "error": outcome.error or "unknown error"})
         self.rows.append(outcome.as_row())
+        emit(JobFinished(outcome, self.finished, self.total))
 
     @property
-    def total(self) -> int:
+    def finished(self) -> int:
+        """Jobs done, skipped or failed so far."""
         return sum(self.counts.values())
 
 
@@ -262,7 +269,7 @@ def stylize_catalog(
     workers: int | None = None,
     max_failures: int = 0,
     shard: str | None = None,
-    batch_size: int | None = None,
+    max_in_flight: int | None = None,
     settings: dict[str, Any] | None = None,
     images_per_batch: int | None = None,
     retry_delay: float = 2.0,
@@ -273,15 +280,17 @@ def stylize_catalog(
     ``["cuda:0", "cuda:1"]`` or ``["cpu"]``) and ``workers`` choose the device
     slots (default: every GPU, else one CPU worker); ``shard="i/n"`` runs the
     i-th of n disjoint parts; ``settings`` overrides engine settings for every
-    job. ``images_per_batch`` optimizes up to that many same-size jobs sharing
-    styles and settings together on one device (default: on the CPU 2 in
-    float32 and 1 in bf16, from free memory on CUDA). A job that fails on a
-    transient storage error is retried 3 times, after about ``retry_delay`` x
-    1, 2 and 4 seconds (jittered).
-    With a Dask task runner (``catalog_on_dask``) each job runs
-    on a worker's GPU instead, and ``devices``/``workers`` are refused. Fails
-    after every job has finished when more than ``max_failures`` jobs failed.
-    Returns the run summary.
+    job. Two sizes, not to be confused: ``max_in_flight`` jobs are submitted
+    at a time (default 4 per device slot, at least 16), and of those up to
+    ``images_per_batch`` same-size jobs sharing styles and settings are
+    optimized together in one VGG19 pass (default: on the CPU 2 in float32
+    and 1 in bf16, from free memory on CUDA). A transient storage error is
+    retried 3 times, after about ``retry_delay`` x 1, 2 and 4 seconds
+    (jittered): reading inputs by rerunning the job's task, writing outputs
+    by rerunning only the writes. With a Dask task runner
+    (``catalog_on_dask``) each job runs on a worker's GPU instead, and
+    ``devices``/``workers`` are refused. Fails after every job has finished
+    when more than ``max_failures`` jobs failed. Returns the run summary.
     """
     started = time.perf_counter()
     began = datetime.now(timezone.utc)
@@ -293,40 +302,18 @@ def stylize_catalog(
             "its worker's GPU, so size the cluster instead"
         )
     slots = plan_devices(devices, workers) if dask is None else None
-    batch = batch_size or max(16, 4 * (len(slots) if slots else cluster_gpus(dask)))
+    in_flight = max_in_flight or max(16, 4 * (len(slots) if slots else cluster_gpus(dask)))
     # Threads of this process see the event; on Dask the cluster cancels its own tasks.
     stop = threading.Event() if dask is None else None
     doc = load(manifest)
     storage = stop_storage(storage_for(doc), stop)
-    out_root = output or doc.output
     total = count_jobs(doc, storage, settings, output, shard_spec)
-    progress_log.info("start", extra={"total": total})
-    progress_id = create_progress_artifact(progress=0.0, description="Jobs finished in this run")
-    tally = _Tally()
-    backoff = exponential_backoff(retry_delay)
-    one, several = (t.with_options(retry_delay_seconds=backoff) for t in (stylize_job, stylize_batch))
-
+    emit(RunStarted(total))
+    tally = _Tally(total)
     try:
-        for group in _batches(_jobs(doc, storage, settings, output, shard_spec), batch):
-            batches = _groups(group, _images_per_batch(images_per_batch, slots, group))
-            with job_resources() if dask is not None else nullcontext():
-                futures = [one.submit(jobs[0], storage, slots, cancel=stop) if len(jobs) == 1
-                           else several.submit(jobs, storage, slots, n_more=len(jobs) - 1, cancel=stop,
-                                               retry_delay=retry_delay)
-                           for jobs in batches]
-            names = {f.task_run_id: [j.name for j in jobs] for f, jobs in zip(futures, batches)}
-            for future in as_completed(futures):
-                result = future.result(raise_on_failure=False)
-                if isinstance(result, Outcome):
-                    result = [result]
-                elif not isinstance(result, list):  # the task raised: retries exhausted
-                    message = str(result) if isinstance(result, BaseException) else "task failed"
-                    result = [Outcome(name, "failed", error=message) for name in names[future.task_run_id]]
-                for outcome in result:
-                    tally.add(outcome)
-                    progress_log.info("job", extra={"outcome": outcome, "finished": tally.total})
-            del futures, names, batches
-            update_progress_artifact(progress_id, progress=100.0 * tally.total / max(total, 1))
+        _run_windows(_jobs(doc, storage, settings, output, shard_spec), storage, tally,
+                     in_flight=in_flight, images_per_batch=images_per_batch, slots=slots,
+                     on_dask=dask is not None, stop=stop, retry_delay=retry_delay)
     except BaseException:
         # Interrupted or failing: stop the running jobs at their next iteration, or the
         # task runner's shutdown would wait for each of them to finish.
@@ -334,13 +321,37 @@ def stylize_catalog(
             stop.set()
         raise
 
-    update_progress_artifact(progress_id, progress=100.0)
     where = slots or [f"dask {dask.scheduler.address}"]
-    summary = _summary(tally, manifest, out_root, shard, where, max_failures, began, time.perf_counter() - started)
+    summary = _summary(tally, manifest, output or doc.output, shard, where, max_failures, began,
+                       time.perf_counter() - started)
     _publish(summary, tally, storage)
     if tally.counts["failed"] > max_failures:
         raise CatalogFailed(summary)
     return summary
+
+
+def _run_windows(jobs: Iterable[Job], storage: Storage, tally: "_Tally", *, in_flight: int,
+                 images_per_batch: int | None, slots: list[str] | None, on_dask: bool,
+                 stop: threading.Event | None, retry_delay: float) -> None:
+    """Submit the jobs ``in_flight`` at a time, as groups of up to ``images_per_batch``, and tally
+    each outcome as its group finishes."""
+    progress_id = create_progress_artifact(progress=0.0, description="Jobs finished in this run")
+    run = stylize_jobs.with_options(retry_delay_seconds=exponential_backoff(retry_delay))
+    for window in _windows(jobs, in_flight):
+        groups = _groups(window, _images_per_batch(images_per_batch, slots, window))
+        with job_resources() if on_dask else nullcontext():
+            futures = [run.submit(group, storage, slots, cancel=stop, retry_delay=retry_delay) for group in groups]
+        names = {f.task_run_id: [j.name for j in group] for f, group in zip(futures, groups)}
+        for future in as_completed(futures):
+            result = future.result(raise_on_failure=False)
+            if not isinstance(result, list):  # the task raised: retries exhausted
+                message = str(result) if isinstance(result, BaseException) else "task failed"
+                result = [Outcome(name, "failed", error=message) for name in names[future.task_run_id]]
+            for outcome in result:
+                tally.add(outcome)
+        del futures, names, groups
+        update_progress_artifact(progress_id, progress=100.0 * tally.finished / max(tally.total, 1))
+    update_progress_artifact(progress_id, progress=100.0)
 
 
 def catalog_on_dask(address: str = "local", *, n_workers: int | None = None) -> Flow:
@@ -361,7 +372,7 @@ def _summary(tally: _Tally, manifest: str, output: str, shard, slots, max_failur
         "started": began.isoformat(),
         "seconds": round(seconds, 3),
         "engine_seconds": round(tally.engine_seconds, 3),
-        "counts": dict(tally.counts, total=tally.total),
+        "counts": dict(tally.counts, total=tally.finished),
         "max_failures": max_failures,
         "failures": tally.failures,
         "summary_uri": join(output, f"_runs/{run_id}.json"),
@@ -373,7 +384,7 @@ def _publish(summary: dict, tally: _Tally, storage: Storage) -> None:
     rows = list(tally.rows)
     create_table_artifact(
         table=rows, key="stylize-jobs",
-        description=f"Jobs of this run (last {len(rows)} of {tally.total})",
+        description=f"Jobs of this run (last {len(rows)} of {tally.finished})",
     )
     c = summary["counts"]
     lines = [

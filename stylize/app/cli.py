@@ -46,8 +46,10 @@ def settings_from(overrides: dict):
 
 def cmd_image(args: argparse.Namespace) -> int:
     """stylize image CONTENT STYLE [STYLE ...] -o OUT"""
-    from stylize.engine import images
+    from stylize.app.view import ProgressView
+    from stylize.catalog import progress
     from stylize.catalog.jobs import JobRunner
+    from stylize.engine import images
     from stylize.catalog.manifest import Job
     from stylize.catalog.storage import Storage, parent
 
@@ -65,9 +67,9 @@ def cmd_image(args: argparse.Namespace) -> int:
         settings=settings, output=parent(out), source="", index=0,
     )
     runner = JobRunner(args.device)
-    with _IterationProgress(settings, enabled=not args.quiet) as progress:
-        outcome = runner.run(job, storage, callback=progress.update, skip_complete=False,
-                             image_uri=out, metadata_uri=meta)
+    report = lambda record: progress.emit(progress.Iteration(job.name, record, settings.iterations))  # noqa: E731
+    with ProgressView(enabled=not args.quiet, transient=True):
+        outcome = runner.run(job, storage, callback=report, skip_complete=False, image_uri=out, metadata_uri=meta)
     if outcome.status == "failed":
         print(f"stylize: error: {outcome.error}", file=sys.stderr)
         return EXIT_FAILED
@@ -76,47 +78,6 @@ def cmd_image(args: argparse.Namespace) -> int:
           f"{outcome.iterations} iterations, loss {f['total']:.4g} "
           f"(content {f['content']:.4g}, style {f['style']:.4g}, tv {f['tv']:.4g})")
     return EXIT_OK
-
-
-class _IterationProgress:
-    """A rich progress bar over iterations that shows the current losses."""
-
-    def __init__(self, settings, *, enabled: bool = True):
-        self.settings = settings
-        self.enabled = enabled and sys.stderr.isatty() or os.environ.get("STYLIZE_PROGRESS") == "1"
-        self._progress = None
-
-    def __enter__(self):
-        if self.enabled:
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-            self._progress = Progress(
-                TextColumn("[bold]{task.fields[level]}"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("{task.fields[losses]}"), TimeElapsedColumn(),
-                console=Console(stderr=True), transient=True,
-            )
-            self._progress.start()
-            self._task = self._progress.add_task("optimize", total=self.settings.iterations, level="", losses="")
-            self._level = None
-        return self
-
-    def update(self, record) -> None:
-        if self._progress is None:
-            return
-        if record.scale != self._level:
-            self._level = record.scale
-            self._progress.reset(self._task, total=self.settings.iterations)
-            self._start = record.iteration
-        self._progress.update(
-            self._task, completed=record.iteration - self._start,
-            level=f"scale {record.scale}",
-            losses=f"loss {record.total:.4g} (c {record.content:.3g} s {record.style:.3g} tv {record.tv:.3g})",
-        )
-
-    def __exit__(self, *exc):
-        if self._progress is not None:
-            self._progress.stop()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -197,7 +158,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from stylize.errors import ConfigError
     from stylize.catalog.manifest import load_manifest, parse_shard
-    from stylize.app.view import RunView, quiet_failures, quiet_prefect
+    from stylize.app.view import ProgressView, quiet_failures, quiet_prefect
 
     load_manifest(args.manifest)  # exit 2 on an invalid manifest before Prefect starts
     if args.shard:
@@ -217,12 +178,12 @@ def _run(args: argparse.Namespace) -> int:
             raise ConfigError("--device picks this machine's devices; with --dask each job runs on a worker's GPU")
         catalog, workers = catalog_on_dask(args.dask, n_workers=args.workers), None
     ensure_api()
-    with quiet_failures(verbose=args.verbose), RunView(enabled=not args.quiet) as view:
+    with quiet_failures(verbose=args.verbose), ProgressView(enabled=not args.quiet) as view:
         state = catalog(
             manifest=args.manifest, output=args.output,
             devices=args.device.split(",") if args.device else None, workers=workers,
             max_failures=args.max_failures, shard=args.shard, settings=overrides or None,
-            images_per_batch=args.images_per_batch, return_state=True,
+            images_per_batch=args.images_per_batch, max_in_flight=args.max_in_flight, return_state=True,
         )
     result = state.result(raise_on_failure=False)
     if isinstance(result, CatalogFailed):
@@ -269,6 +230,9 @@ def _register_catalog_commands(sub) -> None:
     p.add_argument("--images-per-batch", type=int, metavar="N",
                    help="optimize up to N same-size images with the same styles together on one device "
                         "(default: on the CPU 2 in float32 and 1 in bf16, from free memory on CUDA)")
+    p.add_argument("--max-in-flight", type=int, metavar="N",
+                   help="jobs submitted at a time; memory stays flat however long the catalog "
+                        "(default 4 per device slot, at least 16)")
     p.add_argument("--dask", metavar="ADDRESS|local",
                    help="run the jobs on a Dask cluster, one per worker GPU resource: a scheduler address "
                         "(tcp://host:8786) or 'local' for worker processes here (one per GPU, else --workers "

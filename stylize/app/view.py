@@ -1,8 +1,8 @@
-"""What ``stylize run`` shows: a progress bar over jobs and the current job's iteration.
+"""What the terminal shows while ``stylize image`` or ``stylize run`` works, and after.
 
-The catalog flow reports on the ``stylize.app.view`` logger (events "job"
-and "iteration" with structured ``extra``); ``RunView`` listens there, so the
-flow needs no knowledge of terminals and the view none of Prefect.
+Runs report typed events (``stylize.catalog.progress``); ``ProgressView``
+subscribes to them and draws them with rich, so the flow needs no knowledge
+of terminals and the view none of Prefect.
 """
 
 from __future__ import annotations
@@ -11,9 +11,10 @@ import contextlib
 import logging
 import os
 import sys
+import threading
 from typing import Any, Iterator
 
-PROGRESS_LOGGER = "stylize.app.view"
+from stylize.catalog import progress
 
 
 def quiet_prefect() -> None:
@@ -57,60 +58,72 @@ def quiet_failures(*, verbose: bool) -> Iterator[None]:
             handler.removeFilter(quiet)
 
 
-class RunView(logging.Handler):
-    """Draws the run's progress from ``stylize.app.view`` records (on stderr, when it is a terminal)."""
+class ProgressView:
+    """Draws a run's progress events on stderr, when it is a terminal (or ``STYLIZE_PROGRESS=1``).
 
-    def __init__(self, *, enabled: bool = True):
-        super().__init__(level=logging.DEBUG)
+    One view for every command: a bar over jobs once a run starts
+    (``RunStarted``, ``JobFinished``), and one over the current job's
+    iterations at its current level, with its losses (``Iteration``).
+    ``stylize image`` sends iterations only, so it shows the second bar
+    alone. Within ``with``, the view listens to ``stylize.catalog.progress``
+    in this thread and the threads started from it (the flow's tasks).
+    ``transient`` clears the bars at the end.
+    """
+
+    def __init__(self, *, enabled: bool = True, transient: bool = False):
         self.enabled = enabled and (sys.stderr.isatty() or os.environ.get("STYLIZE_PROGRESS") == "1")
+        self.transient = transient
         self._progress = None
-        self._jobs = None
-        self._current = None
+        self._stack = contextlib.ExitStack()
+        self._lock = threading.Lock()  # events come from the flow's task threads
+        self._jobs = self._iterations = None
+        self._level: tuple[str, int] | None = None  # (job, scale) the iteration bar shows
+        self._first = 0  # iteration at which that level started
 
-    def __enter__(self) -> "RunView":
-        logger = logging.getLogger(PROGRESS_LOGGER)
-        logger.addHandler(self)
-        logger.setLevel(logging.DEBUG if self.enabled else logging.INFO)
-        logger.propagate = False
+    def __enter__(self) -> "ProgressView":
         if self.enabled:
             from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
             self._progress = Progress(
-                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                 TextColumn("{task.fields[detail]}"), TimeElapsedColumn(),
-                console=Console(stderr=True),
+                console=Console(stderr=True), transient=self.transient,
             )
             self._progress.start()
-            self._jobs = self._progress.add_task("jobs", total=None, detail="")
-            self._current = self._progress.add_task("", total=None, detail="", visible=False)
+            self._stack.callback(self._progress.stop)
+            self._stack.enter_context(progress.reporting(self.show))
         return self
 
     def __exit__(self, *exc) -> None:
-        logger = logging.getLogger(PROGRESS_LOGGER)
-        logger.removeHandler(self)
-        if self._progress is not None:
-            self._progress.stop()
+        self._stack.close()
 
-    def emit(self, record: logging.LogRecord) -> None:
+    def show(self, event: progress.Event) -> None:
+        """Draw one event (called from any thread)."""
         if self._progress is None:
             return
-        try:
-            message = record.getMessage()
-            if message == "start":
-                self._progress.update(self._jobs, total=record.total)
-            elif message == "job":
-                outcome = record.outcome
-                self._progress.update(self._jobs, completed=record.finished,
+        with self._lock:
+            if isinstance(event, progress.RunStarted):
+                self._jobs = self._progress.add_task("jobs", total=event.total, detail="")
+            elif isinstance(event, progress.JobFinished) and self._jobs is not None:
+                outcome = event.outcome
+                self._progress.update(self._jobs, completed=event.finished,
                                       detail=f"last: {outcome.job} {outcome.status}")
-            elif message == "iteration":
-                rec = record.record
-                self._progress.update(
-                    self._current, visible=True, description=f"{record.job} (scale {rec.scale})",
-                    completed=rec.iteration, detail=f"loss {rec.total:.4g}",
-                )
-        except Exception:  # a display problem must never stop a run
-            self.handleError(record)
+            elif isinstance(event, progress.Iteration):
+                self._iteration(event)
+
+    def _iteration(self, event: progress.Iteration) -> None:
+        rec = event.record
+        if self._iterations is None:
+            self._iterations = self._progress.add_task("", total=event.limit, detail="")
+        if (event.job, rec.scale) != self._level:  # a new job or level: the bar starts over
+            self._level, self._first = (event.job, rec.scale), rec.iteration
+            self._progress.reset(self._iterations, total=event.limit)
+        self._progress.update(
+            self._iterations, completed=rec.iteration - self._first,
+            description=f"{event.job} (scale {rec.scale})",
+            detail=f"loss {rec.total:.4g} (c {rec.content:.3g} s {rec.style:.3g} tv {rec.tv:.3g})",
+        )
 
     def print_summary(self, summary: dict[str, Any]) -> None:
         """The end-of-run table: totals, then each failure with its message."""

@@ -5,18 +5,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import threading
 from pathlib import Path
 
 import pytest
 from faults import FaultProxy
 
 import flows.catalog as catalog
-from flows.catalog import WRITE_RETRIES, CatalogFailed, finish_alone, stylize_catalog
+from flows.catalog import WRITE_RETRIES, CatalogFailed, stylize_catalog
 from stylize.engine import images
 from stylize.catalog import metadata
-from stylize.errors import Cancelled, TransientStorageError
-from stylize.catalog.jobs import Outcome, key_for, read_inputs
+from stylize.errors import TransientStorageError
+from stylize.catalog.jobs import JobRunner, key_for, read_inputs
 from stylize.catalog.manifest import load_manifest
 from stylize.catalog.storage import Storage
 
@@ -90,47 +89,63 @@ def test_a_key_that_always_fails_fails_its_job_only(s3, bucket, s3_server, tmp_p
     # The old metadata went before the failed write, so nothing claims the old image is this run's.
     assert not direct.exists(f"s3://{bucket}/out/cat__starry.json")
     assert direct.read(f"s3://{bucket}/out/cat__starry.png") == old_image
-    for name in ("cat__wreck", "astronaut__starry", "astronaut__wreck"):
+    for name in ("cat__wreck", "kitten__starry", "astronaut__wreck"):
         assert json.loads(direct.read(f"s3://{bucket}/out/{name}.json"))["settings"]["iterations"] == 3
 
 
-class _Prepared:
-    """What ``finish_alone`` reads of a prepared job."""
+def local_catalog(folder: Path) -> Path:
+    """2 same-size photos x 1 style on local disk: one batch of two jobs with images_per_batch=2."""
+    (folder / "photos").mkdir(parents=True)
+    (folder / "photos" / "cat.png").write_bytes((DATA / "chelsea.png").read_bytes())
+    (folder / "photos" / "kitten.png").write_bytes((DATA / "chelsea.png").read_bytes())
+    (folder / "starry.jpg").write_bytes((DATA / "starry_night.jpg").read_bytes())
+    manifest = folder / "manifest.yaml"
+    manifest.write_text(f"version: 1\noutput: out\ndefaults: {json.dumps(FAST)}\n"
+                        "grid: {contents: [photos/], styles: [starry.jpg]}\n")
+    return manifest
 
-    def __init__(self, name: str):
-        self.job = type("Job", (), {"name": name})()
-        self.started = 0.0
 
-
-def _writes(monkeypatch, fail_times: int) -> list[str]:
-    """Make ``finish`` fail transiently ``fail_times`` times, then succeed; return its calls."""
-    calls = []
+def flaky_writes(monkeypatch, job: str, fail_times: int) -> dict[str, list]:
+    """``job``'s writes fail transiently ``fail_times`` times, then go through; counts every
+    write and every optimization."""
+    calls: dict[str, list] = {"writes": [], "computes": []}
+    real_finish, real_compute = catalog.finish, JobRunner.compute_batch
 
     def finish(prepared, result, storage):
-        calls.append(prepared.job.name)
-        if len(calls) <= fail_times:
-            raise TransientStorageError(f"s3://b/out/{prepared.job.name}.png: S3 error SlowDown")
-        return Outcome(prepared.job.name, "done", 1.0)
+        calls["writes"].append(prepared.job.name)
+        if prepared.job.name == job and calls["writes"].count(job) <= fail_times:
+            raise TransientStorageError(f"{prepared.image_uri}: S3 error SlowDown (transient, retry later)")
+        return real_finish(prepared, result, storage)
+
+    def compute_batch(self, batch, *args, **kwargs):
+        calls["computes"].append(sorted(p.job.name for p in batch))
+        return real_compute(self, batch, *args, **kwargs)
 
     monkeypatch.setattr(catalog, "finish", finish)
+    monkeypatch.setattr(JobRunner, "compute_batch", compute_batch)
     return calls
 
 
-def test_a_batched_write_is_retried_alone(monkeypatch):
-    calls = _writes(monkeypatch, fail_times=2)
-    assert finish_alone(_Prepared("a"), None, None, retry_delay=0).status == "done"
-    assert calls == ["a"] * 3
+@pytest.mark.parametrize("per_batch, computes", [
+    (1, [["cat__starry"], ["kitten__starry"]]),  # groups of one take the same path
+    (2, [["cat__starry", "kitten__starry"]]),
+])
+def test_a_failed_write_is_retried_without_computing_again(monkeypatch, tmp_path, per_batch, computes):
+    calls = flaky_writes(monkeypatch, "cat__starry", fail_times=2)
+    summary = stylize_catalog(manifest=str(local_catalog(tmp_path)), images_per_batch=per_batch, retry_delay=0)
+    assert summary["counts"] == {"done": 2, "skipped": 0, "failed": 0, "total": 2}
+    assert sorted(calls["computes"]) == computes  # each image computed once
+    assert calls["writes"].count("cat__starry") == 3 and calls["writes"].count("kitten__starry") == 1
 
-    calls = _writes(monkeypatch, fail_times=100)
-    outcome = finish_alone(_Prepared("b"), None, None, retry_delay=0)
-    assert (outcome.status, outcome.error) == ("failed", "s3://b/out/b.png: S3 error SlowDown")
-    assert len(calls) == 1 + WRITE_RETRIES
 
-
-def test_a_batched_write_stops_waiting_when_cancelled(monkeypatch):
-    calls = _writes(monkeypatch, fail_times=100)
-    cancel = threading.Event()
-    cancel.set()
-    with pytest.raises(Cancelled, match="c: interrupted before its outputs were written"):
-        finish_alone(_Prepared("c"), None, None, retry_delay=60, cancel=cancel)
-    assert calls == ["c"]
+def test_a_write_that_keeps_failing_fails_its_job_not_its_batch_mates(monkeypatch, tmp_path):
+    calls = flaky_writes(monkeypatch, "cat__starry", fail_times=100)
+    with pytest.raises(CatalogFailed) as failed:
+        stylize_catalog(manifest=str(local_catalog(tmp_path)), images_per_batch=2, retry_delay=0)
+    summary = failed.value.summary
+    assert summary["counts"] == {"done": 1, "skipped": 0, "failed": 1, "total": 2}
+    [failure] = summary["failures"]
+    assert failure["job"] == "cat__starry" and "S3 error SlowDown" in failure["error"]
+    assert calls["computes"] == [["cat__starry", "kitten__starry"]]
+    assert calls["writes"].count("cat__starry") == 1 + WRITE_RETRIES
+    assert (tmp_path / "out" / "kitten__starry.json").exists()
