@@ -286,22 +286,17 @@ def stylize_catalog(
     optimized together in one VGG19 pass (default: on the CPU 2 in float32
     and 1 in bf16, from free memory on CUDA). A transient storage error is
     retried 3 times, after about ``retry_delay`` x 1, 2 and 4 seconds
-    (jittered): reading inputs by rerunning the job's task, writing outputs
-    by rerunning only the writes. With a Dask task runner
-    (``catalog_on_dask``) each job runs on a worker's GPU instead, and
-    ``devices``/``workers`` are refused. Fails after every job has finished
-    when more than ``max_failures`` jobs failed. Returns the run summary.
+    (jittered): a read by rerunning its group's task, a write by rerunning
+    only the writes. On Dask (``catalog_on_dask``) each job runs on a
+    worker's GPU, and ``devices``/``workers`` are refused. Fails after every
+    job has finished when more than ``max_failures`` failed. Returns the
+    run summary.
     """
     started = time.perf_counter()
     began = datetime.now(timezone.utc)
     shard_spec = parse_shard(shard) if shard else None
     dask = dask_client()
-    if dask is not None and (devices or workers):
-        raise ConfigError(
-            "devices and workers choose device slots in the flow's own process; on Dask each job runs on "
-            "its worker's GPU, so size the cluster instead"
-        )
-    slots = plan_devices(devices, workers) if dask is None else None
+    slots = _device_slots(devices, workers, dask)
     in_flight = max_in_flight or max(16, 4 * (len(slots) if slots else cluster_gpus(dask)))
     # Threads of this process see the event; on Dask the cluster cancels its own tasks.
     stop = threading.Event() if dask is None else None
@@ -321,13 +316,24 @@ def stylize_catalog(
             stop.set()
         raise
 
-    where = slots or [f"dask {dask.scheduler.address}"]
-    summary = _summary(tally, manifest, output or doc.output, shard, where, max_failures, began,
-                       time.perf_counter() - started)
+    summary = _summary(tally, manifest, output or doc.output, shard, slots or [f"dask {dask.scheduler.address}"],
+                       max_failures, began, time.perf_counter() - started)
     _publish(summary, tally, storage)
     if tally.counts["failed"] > max_failures:
         raise CatalogFailed(summary)
     return summary
+
+
+def _device_slots(devices: list[str] | None, workers: int | None, dask) -> list[str] | None:
+    """This process's device slots; None on Dask, where each job runs on its worker's device."""
+    if dask is None:
+        return plan_devices(devices, workers)
+    if devices or workers:
+        raise ConfigError(
+            "devices and workers choose device slots in the flow's own process; on Dask each job runs on "
+            "its worker's GPU, so size the cluster instead"
+        )
+    return None
 
 
 def _run_windows(jobs: Iterable[Job], storage: Storage, tally: "_Tally", *, in_flight: int,
