@@ -220,13 +220,7 @@ def _register_catalog_commands(sub) -> None:
                                    "skipping finished jobs. Exit 0 if every job succeeded or was skipped, 1 if "
                                    "any failed, 2 for an invalid manifest.")
     p.add_argument("manifest", help="path or s3:// URI of a YAML manifest")
-    p.add_argument("--output", help="output root instead of the manifest's")
-    p.add_argument("--device", help="comma-separated devices, e.g. cuda:0,cuda:1 or cpu (default: all GPUs, else cpu)")
-    p.add_argument("--workers", type=int, help="parallel jobs on the CPU, or at most this many GPUs "
-                                                "(with --dask local: the number of Dask workers)")
-    p.add_argument("--shard", metavar="I/N", help="run only the I-th of N disjoint parts (0-based)")
-    p.add_argument("--max-failures", type=int, default=0,
-                   help="the flow run fails when more jobs than this fail (default 0)")
+    _add_flow_options(p, workers_note=" (with --dask local: the number of Dask workers)")
     p.add_argument("--images-per-batch", type=int, metavar="N",
                    help="optimize up to N same-size images with the same styles together on one device "
                         "(default: on the CPU 2 in float32 and 1 in bf16, from free memory on CUDA)")
@@ -304,7 +298,10 @@ def _register_watch_command(sub) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    """stylize serve MANIFEST: serve the catalog flow as a scheduled Prefect deployment, here."""
+    """Register the deployment stylize-catalog/NAME for MANIFEST on the Prefect server at PREFECT_API_URL,
+    with a cron schedule and at most one run at a time (a run that comes due while one is going waits for
+    it), then run its flow runs on this machine until interrupted. Needs a running server: `prefect server
+    start`."""
     from stylize.catalog.manifest import load_manifest, parse_shard
 
     def absolute(uri: str) -> str:  # flow runs start in their own process, maybe elsewhere
@@ -334,23 +331,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _add_flow_options(p: argparse.ArgumentParser, workers_note: str = "") -> None:
+    """The catalog flow's parameters that ``run`` and ``serve`` share."""
+    p.add_argument("--output", help="output root instead of the manifest's")
+    p.add_argument("--device", help="comma-separated devices, e.g. cuda:0,cuda:1 or cpu (default: all GPUs, else cpu)")
+    p.add_argument("--workers", type=int, help="parallel jobs on the CPU, or at most this many GPUs" + workers_note)
+    p.add_argument("--shard", metavar="I/N", help="run only the I-th of N disjoint parts (0-based)")
+    p.add_argument("--max-failures", type=int, default=0,
+                   help="the flow run fails when more jobs than this fail (default 0)")
+
+
 def _register_serve_command(sub) -> None:
     p = sub.add_parser("serve", help="serve the catalog flow on a schedule (Prefect deployment, here)",
-                       description="Register the deployment stylize-catalog/NAME for MANIFEST on the Prefect "
-                                   "server at PREFECT_API_URL, with a cron schedule and at most one run at a "
-                                   "time (a run that comes due while one is going waits for it), then run its "
-                                   "flow runs on this machine until interrupted. Needs a running server: "
-                                   "`prefect server start`.")
+                       description=cmd_serve.__doc__)
     p.add_argument("manifest", help="path or s3:// URI of a YAML manifest")
     p.add_argument("--cron", default="0 2 * * *", help="when to run, five cron fields (default '0 2 * * *': 02:00)")
     p.add_argument("--timezone", default="UTC", help="IANA time zone of the cron schedule (default UTC)")
     p.add_argument("--name", default="nightly", help="deployment name (default nightly)")
-    p.add_argument("--output", help="output root instead of the manifest's")
-    p.add_argument("--device", help="comma-separated devices, e.g. cuda:0,cuda:1 or cpu (default: all GPUs, else cpu)")
-    p.add_argument("--workers", type=int, help="parallel jobs on the CPU, or at most this many GPUs")
-    p.add_argument("--shard", metavar="I/N", help="run only the I-th of N disjoint parts (0-based)")
-    p.add_argument("--max-failures", type=int, default=0,
-                   help="a run fails when more jobs than this fail (default 0)")
+    _add_flow_options(p)
     add_engine_options(p)
     p.set_defaults(func=cmd_serve)
 

@@ -3,7 +3,7 @@
 On SIGINT the main thread gets ``KeyboardInterrupt``, on SIGTERM ``Terminated``,
 so a run unwinds the same way for both: the catalog flow sets its stop event,
 running jobs stop at their next iteration, and no storage attempt (botocore
-retry, Prefect task retry, finish-write retry) starts after it.
+retry, Prefect task retry, including a write task's) starts after it.
 
 Unwinding can still wait on a request that is already on the wire: Prefect's
 task runner and Python's exit both join the worker threads, and a stalled S3
