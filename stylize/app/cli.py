@@ -69,7 +69,8 @@ def cmd_image(args: argparse.Namespace) -> int:
     runner = JobRunner(args.device)
     report = lambda record: progress.emit(progress.Iteration(job.name, record, settings.iterations))  # noqa: E731
     with ProgressView(enabled=not args.quiet, transient=True):
-        outcome = runner.run(job, storage, callback=report, skip_complete=False, image_uri=out, metadata_uri=meta)
+        outcome = runner.run(job, storage, callback=report, skip_complete=False, image_uri=out, metadata_uri=meta,
+                             thumbnails=False)
     if outcome.status == "failed":
         print(f"stylize: error: {outcome.error}", file=sys.stderr)
         return EXIT_FAILED

@@ -38,6 +38,7 @@ from stylize.errors import (Cancelled, ConfigError, InputError, ResourceError, S
 from stylize.catalog.manifest import Job
 from stylize.engine.optimize import Engine, Record, RecordCallback, StyleTargets, level_sizes
 from stylize.catalog.storage import Storage, check_below
+from stylize.catalog.thumbnails import write_thumbnails
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,7 @@ class Outcome:
     error: str | None = None
     final: dict[str, float] = field(default_factory=dict)  # last record's losses
     iterations: int = 0
+    kind: str | None = None  # a failure's error class, e.g. "InputError", to group failures by
 
     def as_row(self) -> dict[str, Any]:
         """A flat dict for tables and JSON summaries."""
@@ -72,6 +74,7 @@ class Outcome:
             **{k: float(f"{v:.6g}") for k, v in self.final.items()},
             "output": self.output,
             "error": self.error,
+            **({"kind": self.kind} if self.kind else {}),
         }
 
 
@@ -196,16 +199,19 @@ class JobRunner:
         skip_complete: bool = True,
         image_uri: str | None = None,
         metadata_uri: str | None = None,
+        thumbnails: bool = True,
     ) -> Outcome:
         """Prepare, compute and finish ``job`` here; returns its ``Outcome``.
 
+        ``thumbnails=False`` writes no ``_thumbs/`` (a lone image has no report).
         Raises only ``TransientStorageError``; every other problem is a failed outcome.
         """
         prepared = prepare(job, storage, skip_complete=skip_complete, image_uri=image_uri,
                            metadata_uri=metadata_uri)
         if isinstance(prepared, Outcome):
             return prepared
-        return guarded(job, prepared.started, lambda: finish(prepared, self.compute(prepared, callback, storage), storage))
+        return guarded(job, prepared.started, lambda: finish(
+            prepared, self.compute(prepared, callback, storage), storage, thumbnails=thumbnails))
 
     def compute(self, prepared: "Prepared", callback: RecordCallback | None = None,
                 storage: Storage | None = None, *, cancel: threading.Event | None = None):
@@ -310,7 +316,7 @@ def guarded(job: Job, started: float, step: Callable[[], Any]) -> Any:
         raise
     except StylizeError as exc:
         log.info("job %s failed: %s", job.name, exc)
-        return Outcome(job.name, "failed", time.perf_counter() - started, error=str(exc))
+        return Outcome(job.name, "failed", time.perf_counter() - started, error=str(exc), kind=type(exc).__name__)
 
 
 def prepare(job: Job, storage: Storage, *, skip_complete: bool = True, image_uri: str | None = None,
@@ -343,8 +349,9 @@ def prepare(job: Job, storage: Storage, *, skip_complete: bool = True, image_uri
     return guarded(job, started, step)
 
 
-def finish(prepared: Prepared, result, storage: Storage) -> Outcome:
-    """Write the image, then the metadata (its presence means the job is complete).
+def finish(prepared: Prepared, result, storage: Storage, *, thumbnails: bool = True) -> Outcome:
+    """Write the image, its thumbnails (``thumbnails.py``), then the metadata
+    (its presence means the job is complete).
 
     Metadata left by an earlier run (other settings or inputs) goes first: it
     must never sit beside an image it does not describe, even if this process
@@ -359,6 +366,10 @@ def finish(prepared: Prepared, result, storage: Storage) -> Outcome:
     if storage.exists(prepared.metadata_uri):
         storage.delete(prepared.metadata_uri)
     storage.write(prepared.image_uri, data, content_type=images.MEDIA_TYPES[job.settings.format])
+    thumbs = None
+    if thumbnails:  # written before the metadata, so a complete job has them
+        thumbs = write_thumbnails(storage, job.output, job.name, result.image, prepared.content,
+                                  prepared.inputs.info, prepared.inputs.styles)
     meta = metadata.build_metadata(
         job=job, key=prepared.key, inputs=prepared.inputs.info, output_uri=prepared.image_uri,
         output_size=len(data), device=result.device, versions=versions(job.settings.weights),
@@ -369,6 +380,8 @@ def finish(prepared: Prepared, result, storage: Storage) -> Outcome:
                       "stopped_early": result.stopped_early, "seconds": round(result.seconds, 3)}
     if prepared.retried_at_size is not None:
         meta["retried_at_size"] = prepared.retried_at_size  # settings.size did not fit the device
+    if thumbs is not None:
+        meta["thumbnails"] = thumbs  # paths relative to the output root
     storage.write(prepared.metadata_uri, metadata.encode(meta), content_type="application/json")
     last = result.records[-1]
     return Outcome(
