@@ -1,0 +1,139 @@
+"""What a catalog run leaves under ``OUTPUT/_runs/``, and reading it back.
+
+``_runs/<run-id>.json`` is the run's summary (counts, wall and engine
+seconds, devices, every failure); ``_runs/<run-id>/jobs-000000.json``,
+``jobs-000001.json``, ... list every job of the run with its outcome, 500 to
+a file, written while the run goes so that its memory stays flat however
+many jobs it has. ``_runs/<run-id>.html`` is its report (see ``report.py``).
+Together with the jobs' own metadata files these are everything a report
+needs, so ``stylize report`` can rebuild one long after the run.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, Iterator
+
+from stylize.catalog.storage import Storage, child, relative_to
+from stylize.errors import NotFoundError, StorageError
+
+__all__ = ["RUNS", "RUN_SCHEMA", "JOBS_SCHEMA", "JobLog", "summary_uri", "report_uri", "job_log_uri",
+           "read_json", "read_job_log", "list_runs"]
+
+RUNS = "_runs"
+RUN_SCHEMA = "stylize.run/v1"
+JOBS_SCHEMA = "stylize.run-jobs/v1"
+#: Jobs per job-log file: one report page's worth, so a page is built from one file.
+CHUNK = 500
+_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def summary_uri(root: str, run_id: str) -> str:
+    """``OUTPUT/_runs/<run_id>.json``."""
+    return child(root, f"{RUNS}/{run_id}.json")
+
+
+def report_uri(root: str, run_id: str) -> str:
+    """``OUTPUT/_runs/<run_id>.html``, the first page of the run's report."""
+    return child(root, f"{RUNS}/{run_id}.html")
+
+
+def job_log_uri(root: str, run_id: str, index: int) -> str:
+    """``OUTPUT/_runs/<run_id>/jobs-<index>.json``: the run's jobs ``index * CHUNK`` onwards."""
+    return child(root, f"{RUNS}/{run_id}/jobs-{index:06d}.json")
+
+
+class JobLog:
+    """Writes a run's job rows (``Outcome.as_row()``) to its job log, ``CHUNK`` per file."""
+
+    def __init__(self, storage: Storage, root: str, run_id: str):
+        self.storage, self.root, self.run_id = storage, root, run_id
+        self._rows: list[dict[str, Any]] = []
+        self._files = 0
+
+    def add(self, row: dict[str, Any]) -> None:
+        """Record one finished job; writes a file each ``CHUNK`` jobs."""
+        self._rows.append(row)
+        if len(self._rows) >= CHUNK:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the rows held so far (at the end of the run: the last, partial file)."""
+        if not self._rows:
+            return
+        document = {"schema": JOBS_SCHEMA, "run": self.run_id, "index": self._files, "jobs": self._rows}
+        data = json.dumps(document, ensure_ascii=False, allow_nan=False).encode("utf-8")
+        self.storage.write(job_log_uri(self.root, self.run_id, self._files), data,
+                           content_type="application/json")
+        self._files += 1
+        self._rows = []
+
+
+def read_json(storage: Storage, uri: str) -> tuple[dict | None, str | None]:
+    """(the JSON object at ``uri``, None), or (None, why it cannot be used)."""
+    try:
+        data = storage.read(uri)
+    except NotFoundError:
+        return None, "missing"
+    except StorageError as exc:
+        return None, str(exc)
+    try:
+        document = json.loads(data)
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+        return None, f"not JSON ({exc})"
+    if not isinstance(document, dict):
+        return None, f"expected a JSON object, found {type(document).__name__}"
+    return document, None
+
+
+def read_job_log(storage: Storage, root: str, run_id: str, problems: list[tuple[str, str]]) -> Iterator[dict]:
+    """The run's job rows in the order they finished, one file at a time.
+
+    A file that cannot be read is skipped and appended to ``problems`` as
+    (uri, why); the log ends at the first missing file.
+    """
+    index = 0
+    while True:
+        uri = job_log_uri(root, run_id, index)
+        document, why = read_json(storage, uri)
+        if why == "missing":
+            return
+        index += 1
+        jobs = document.get("jobs") if document is not None else None
+        if document is not None and (document.get("schema") != JOBS_SCHEMA or not isinstance(jobs, list)):
+            why = f"expected schema {JOBS_SCHEMA} with a list of jobs, found {document.get('schema')!r}"
+        if why is not None:
+            problems.append((uri, why))
+            continue
+        yield from (row for row in jobs if isinstance(row, dict) and isinstance(row.get("job"), str))
+
+
+def list_runs(storage: Storage, root: str, problems: list[tuple[str, str]]) -> Iterator[dict]:
+    """Every run summary directly under ``OUTPUT/_runs/``, in listing order.
+
+    Unreadable files, and JSON files that are not run summaries, are
+    appended to ``problems`` as (uri, why).
+    """
+    folder = child(root, RUNS)
+    try:
+        uris = [u for u in storage.list(folder) if _is_summary_name(relative_to(u, folder))]
+    except NotFoundError:
+        return
+    for uri in uris:
+        document, why = read_json(storage, uri)
+        if document is not None and document.get("schema") != RUN_SCHEMA:
+            document, why = None, f"expected schema {RUN_SCHEMA}, found {document.get('schema')!r}"
+        if document is None:
+            problems.append((uri, why or "unreadable"))
+            continue
+        yield document
+
+
+def _is_summary_name(name: str) -> bool:
+    return name.endswith(".json") and "/" not in name and bool(_RUN_ID.match(name[:-5]))
+
+
+def valid_run_id(run_id: str) -> bool:
+    """True if ``run_id`` can name files under ``_runs/`` (letters, digits, ``.``, ``_``, ``-``)."""
+    return bool(_RUN_ID.match(run_id)) and ".." not in run_id
