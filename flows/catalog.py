@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -37,9 +38,11 @@ from contextlib import nullcontext
 from datetime import datetime, timezone
 from itertools import islice
 from typing import Any, Iterable, Iterator
+from urllib.parse import quote
 
 from prefect import Flow, flow, task
-from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.artifacts import (create_link_artifact, create_markdown_artifact, create_progress_artifact,
+                               create_table_artifact, update_progress_artifact)
 from prefect.cache_policies import NO_CACHE
 from prefect.context import get_run_context
 from prefect.futures import as_completed
@@ -49,7 +52,10 @@ from stylize.errors import Cancelled, ConfigError, StylizeError, TransientStorag
 from stylize.catalog.jobs import Outcome, Prepared, batch_key, finish, guarded, prepare
 from stylize.catalog.manifest import Job, Manifest, in_shard, load_manifest, parse_shard, storage_for
 from stylize.catalog.progress import Iteration, JobFinished, RunStarted, emit
-from stylize.catalog.storage import Storage, join
+from stylize.catalog.report import build_run_report
+from stylize.catalog.runs import JobLog, report_uri
+from stylize.catalog.storage import Storage, join, output_root
+from stylize.catalog.thumbnails import output_thumb
 
 from .dask import cluster_gpus, dask_client, dask_task_runner, job_resources, worker_device
 from .devices import plan_devices, pool_for, runner_for
@@ -240,8 +246,9 @@ class _Tally:
     """Counts and a bounded window of rows, so memory stays flat over 100,000 jobs; reports each
     outcome as a ``JobFinished`` event."""
 
-    def __init__(self, total: int):
+    def __init__(self, total: int, log: JobLog | None = None):
         self.total = total  # jobs the run expects
+        self.log = log  # every job's row, written to the run's job log as it goes
         self.counts = {"done": 0, "skipped": 0, "failed": 0}
         self.failures: list[dict[str, str]] = []
         self.rows: deque[dict[str, Any]] = deque(maxlen=TABLE_ROWS)
@@ -251,9 +258,12 @@ class _Tally:
         self.counts[outcome.status] += 1
         self.engine_seconds += outcome.engine_seconds
         if outcome.status == "failed":
-            self.failures.append({"job": outcome.job, "error": outcome.error or "unknown error"})
+            self.failures.append({"job": outcome.job, "error": outcome.error or "unknown error",
+                                  "kind": outcome.kind or "Error"})
         self.rows.append(outcome.as_row())
         emit(JobFinished(outcome, self.finished, self.total))
+        if self.log is not None:
+            self.log.add(self.rows[-1])
 
     @property
     def finished(self) -> int:
@@ -304,7 +314,7 @@ def stylize_catalog(
     storage = stop_storage(storage_for(doc), stop)
     total = count_jobs(doc, storage, settings, output, shard_spec)
     emit(RunStarted(total))
-    tally = _Tally(total)
+    tally = _Tally(total, JobLog(storage, output_root(output or doc.output), str(get_run_context().flow_run.id)))
     try:
         _run_windows(_jobs(doc, storage, settings, output, shard_spec), storage, tally,
                      in_flight=in_flight, images_per_batch=images_per_batch, slots=slots,
@@ -386,7 +396,10 @@ def _summary(tally: _Tally, manifest: str, output: str, shard, slots, max_failur
 
 
 def _publish(summary: dict, tally: _Tally, storage: Storage) -> None:
+    tally.log.flush()
+    summary["report_uri"] = report_uri(output_root(summary["output"]), summary["flow_run_id"])
     storage.write(summary["summary_uri"], json.dumps(summary, indent=2).encode(), content_type="application/json")
+    thumbs = _publish_report(summary, tally, storage)
     rows = list(tally.rows)
     create_table_artifact(
         table=rows, key="stylize-jobs",
@@ -404,4 +417,30 @@ def _publish(summary: dict, tally: _Tally, storage: Storage) -> None:
     ]
     if tally.failures:
         lines += ["", "## Failures", ""] + [f"- **{f['job']}**: {f['error']}" for f in tally.failures[:100]]
+    if thumbs:
+        lines += ["", "## First outputs", ""] + [f"![{name.replace('[', '(').replace(']', ')')}]({url})"
+                                                   for name, url in thumbs]
     create_markdown_artifact(markdown="\n".join(lines), key="stylize-summary", description="Run totals")
+
+
+#: Thumbnails shown in the markdown artifact when the output is served over HTTP(S).
+ARTIFACT_THUMBNAILS = 8
+
+
+def _publish_report(summary: dict, tally: _Tally, storage: Storage) -> list[tuple[str, str]]:
+    """Write ``_runs/<id>.html`` and link it as an artifact; returns (job, thumbnail URL) pairs
+    for the markdown summary when ``STYLIZE_OUTPUT_URL`` says where the output is served."""
+    root, run_id = output_root(summary["output"]), summary["flow_run_id"]
+    try:
+        report = build_run_report(storage, root, run_id, summary=summary)
+    except StylizeError as exc:  # the outputs and the summary are written; the run stands without its report
+        log.warning("the report of run %s was not written: %s", run_id, exc)
+        return []
+    served = os.environ.get("STYLIZE_OUTPUT_URL", "").rstrip("/")
+    served = served if served.startswith(("http://", "https://")) else ""
+    link = f"{served}/_runs/{run_id}.html" if served else report.uri if "://" in report.uri else f"file://{report.uri}"
+    create_link_artifact(link=link, link_text=f"report: {summary['counts']['done']} done, "
+                         f"{summary['counts']['failed']} failed", key="stylize-report",
+                         description="Thumbnails, loss curves, failures and timings of this run")
+    done = [row["job"] for row in tally.rows if row["status"] == "done"][:ARTIFACT_THUMBNAILS]
+    return [(name, f"{served}/{quote(output_thumb(name))}") for name in done] if served else []

@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _extra_commands():
-    return [_register_catalog_commands, _register_watch_command, _register_serve_command]
+    return [_register_catalog_commands, _register_watch_command, _register_serve_command, _register_report_command]
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -352,6 +352,41 @@ def _register_serve_command(sub) -> None:
     _add_flow_options(p)
     add_engine_options(p)
     p.set_defaults(func=cmd_serve)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """stylize report OUTPUT [--run ID] [-o FILE]: rebuild a report from metadata files."""
+    from stylize.catalog.report import build_catalog_report, build_run_report
+    from stylize.catalog.storage import Storage, output_root
+
+    root = output_root(args.output)
+    target = None if args.o is None else args.o if "://" in args.o else os.path.abspath(args.o)
+    if args.run:
+        report = build_run_report(Storage(), root, args.run, target=target, base_url=args.base_url)
+    else:
+        report = build_catalog_report(Storage(), root, target=target, base_url=args.base_url)
+    c = report.counts
+    print(f"wrote {report.uri} ({len(report.pages)} page(s)): {c.get('done', 0)} done, "
+          f"{c.get('skipped', 0)} skipped, {c.get('failed', 0)} failed"
+          + (f"; skipped {report.problems} unreadable metadata file(s), listed in the report"
+             if report.problems else ""))
+    return EXIT_OK
+
+
+def _register_report_command(sub) -> None:
+    p = sub.add_parser("report", help="rebuild the HTML report of a run, or of a whole output",
+                       description="Build an HTML report (totals, failures, slowest jobs, thumbnails and loss "
+                                   "curves) from the metadata files under OUTPUT alone: of one run with --run, "
+                                   "else of every job and run recorded there. Unreadable metadata files are "
+                                   "skipped and counted. `stylize run` writes OUTPUT/_runs/<run-id>.html itself.")
+    p.add_argument("output", help="output root: a folder or s3://bucket/prefix")
+    p.add_argument("--run", metavar="ID", help="only this run (its flow run id, as in OUTPUT/_runs/ID.json)")
+    p.add_argument("-o", metavar="FILE", help="where to write the first page (default OUTPUT/_runs/ID.html, "
+                                              "or OUTPUT/_runs/catalog.html); further pages go in FILE's "
+                                              "folder, in a folder named after it")
+    p.add_argument("--base-url", metavar="URL", help="link images at this HTTP(S) address of OUTPUT instead of "
+                                                     "relative paths (for a report kept outside OUTPUT)")
+    p.set_defaults(func=cmd_report)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -45,7 +45,8 @@ grid:
 
 
 def outputs(folder: Path) -> set[str]:
-    return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and "_runs" not in p.parts}
+    return {p.relative_to(folder).as_posix() for p in folder.rglob("*")
+            if p.is_file() and "_runs" not in p.parts and "_thumbs" not in p.parts}
 
 
 def test_local_catalog_then_rerun_skips_everything(catalog):

@@ -65,8 +65,10 @@ def check_local(out: Path) -> int:
         relative = path.relative_to(out).as_posix()
         if TEMP.fullmatch(path.name):
             assert not is_listed_image(relative), relative
-        elif path.parent.name == "_runs":
-            json.loads(path.read_text())  # a run summary, whole
+        elif "_runs" in path.relative_to(out).parts:
+            check_run_file(relative, path.read_bytes())  # a run summary, job log or report, whole
+        elif relative.startswith("_thumbs/"):
+            images.decode(path.read_bytes(), name=relative)  # a thumbnail, whole
         elif path.suffix == ".png":
             images.decode(path.read_bytes(), name=relative)
         elif path.suffix == ".json":
@@ -74,10 +76,19 @@ def check_local(out: Path) -> int:
             image = path.with_suffix(".png")
             assert image.is_file(), f"{relative} without its image"
             assert meta["output"] == {"uri": str(image), "size": image.stat().st_size}, relative
+            assert (out / meta["thumbnails"]["output"]).is_file(), f"{relative} without its thumbnail"
             complete += 1
         else:
             raise AssertionError(f"unexpected file {relative}")
     return complete
+
+
+def check_run_file(name: str, data: bytes) -> None:
+    """A file under _runs/ is whole: JSON that parses, or a report page that ends its document."""
+    if name.endswith(".html"):
+        assert data.rstrip().endswith(b"</html>"), name
+    else:
+        json.loads(data)
 
 
 def check_s3(client, bucket: str) -> int:
@@ -87,7 +98,9 @@ def check_s3(client, bucket: str) -> int:
     for key, size in objects.items():
         body = client.get_object(Bucket=bucket, Key=key)["Body"].read()
         if key.startswith("out/_runs/"):
-            json.loads(body)
+            check_run_file(key, body)
+        elif key.startswith("out/_thumbs/"):
+            images.decode(body, name=key)
         elif key.endswith(".png"):
             images.decode(body, name=key)
         else:
@@ -184,7 +197,8 @@ def test_sigkill_during_upload_and_between_image_and_metadata_s3(s3_server, s3, 
     finish_run(manifest, env, tmp_path / "final.log")
     assert check_s3(direct, bucket) == JOBS
     summaries = [json.loads(direct.get_object(Bucket=bucket, Key=o["Key"])["Body"].read())
-                 for o in direct.list_objects_v2(Bucket=bucket, Prefix="out/_runs/")["Contents"]]
+                 for o in direct.list_objects_v2(Bucket=bucket, Prefix="out/_runs/")["Contents"]
+                 if re.fullmatch(r"out/_runs/[^/]+\.json", o["Key"])]
     counts = last_summary(summaries)["counts"]
     assert counts == {"done": JOBS - done, "skipped": done, "failed": 0, "total": JOBS}
 

@@ -4,6 +4,7 @@ run summaries, Prefect artifacts or error messages, on a run whose storage fails
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -65,7 +66,7 @@ pairs:
     for path in tmp_path.rglob("*"):
         if path.is_file():
             texts[str(path)] = path.read_bytes().decode("latin-1")
-    [summary_key] = [k for k in texts if "/out/_runs/" in k]
+    [summary_key] = [k for k in texts if re.search(r"/out/_runs/[^/]+\.json$", k)]
     summary = json.loads(texts[summary_key])
     assert summary["failures"][0]["job"] == "cat__starry"
     assert any(k.endswith("out/astronaut__starry.json") for k in texts)

@@ -92,7 +92,8 @@ def cat_pair(bucket: str) -> list[dict]:
 def summaries(s3, bucket: str, output: str) -> list[dict]:
     """The run summaries under an output root: one per flow run that ran."""
     listing = s3.list_objects_v2(Bucket=bucket, Prefix=f"{output}/_runs/").get("Contents", [])
-    return [json.loads(s3.get_object(Bucket=bucket, Key=o["Key"])["Body"].read()) for o in listing]
+    return [json.loads(s3.get_object(Bucket=bucket, Key=o["Key"])["Body"].read()) for o in listing
+            if o["Key"].endswith(".json") and "/" not in o["Key"][len(f"{output}/_runs/"):]]  # not the job logs
 
 
 def watcher(queue, sqs, routes, runs, **options) -> Watcher:
