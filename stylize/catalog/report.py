@@ -420,9 +420,8 @@ def _render_page(storage: Storage, pages: Pages, page: int, entries: list[Entry]
     for entry in entries:
         entry_links(entry, prefix)
     nav = {"page": page, "first": pages.href(page, 1), "prev": pages.href(page, page - 1) if page > 1 else None,
-           "next": None if last else pages.href(page, page + 1), "total": total_pages}
-    if page == 1 and total_pages:
-        nav["all"] = [(k, pages.href(1, k)) for k in range(1, total_pages + 1)]
+           "next": None if last else pages.href(page, page + 1), "total": total_pages,
+           "all": [(k, pages.href(page, k)) for k in range(1, total_pages + 1)] if total_pages else None}
     html = _environment().get_template("report.html").render(
         **context, entries=entries, nav=nav, stats=stats, series=SERIES, width=CURVE_W, height=CURVE_H,
         pad=(_PAD_L, _PAD_R, _PAD_T, _PAD_B), page_href=lambda k: pages.href(page, k), version=__version__,
