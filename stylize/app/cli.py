@@ -126,8 +126,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    """stylize plan MANIFEST: the jobs a run would do, and which it would skip."""
+    """stylize plan MANIFEST: the jobs a run would do, which it would skip, and how long it may take."""
     from stylize.catalog import metadata
+    from stylize.catalog.estimate import Estimate
+    from stylize.catalog.storage import output_root
     from stylize.catalog.jobs import key_for, read_inputs
     from stylize.catalog.manifest import in_shard, load_manifest, parse_shard, storage_for
 
@@ -135,6 +137,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     storage = storage_for(doc)
     shard = parse_shard(args.shard) if args.shard else None
     counts = {"run": 0, "skip": 0, "error": 0}
+    estimate = Estimate(storage, output_root(args.output or doc.output))
     for job in doc.jobs(storage, output=args.output):
         if not in_shard(job, shard):
             continue
@@ -142,11 +145,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
             inputs = read_inputs(job, storage)
             action = "skip" if metadata.is_complete(storage, job, key_for(job, inputs)) else "run"
             detail = job.image_uri
+            if action == "run":
+                estimate.add(job, inputs.content)
         except StylizeError as exc:
             action, detail = "error", str(exc)
         counts[action] += 1
         print(f"{action:5} {job.name}  {detail}")
     print(f"{counts['run']} to run, {counts['skip']} to skip, {counts['error']} with errors")
+    for line in estimate.lines():
+        print(line)
     return EXIT_OK
 
 
@@ -208,9 +215,11 @@ def _register_catalog_commands(sub) -> None:
     p.add_argument("manifest", help="path or s3:// URI of a YAML manifest")
     p.set_defaults(func=cmd_validate)
 
-    p = sub.add_parser("plan", help="list the jobs a run would do and skip",
+    p = sub.add_parser("plan", help="list the jobs a run would do and skip, and estimate its time",
                        description="Print each job a run would do ('run') or skip because its output is "
-                                   "complete with the same inputs and settings ('skip').")
+                                   "complete with the same inputs and settings ('skip'), then estimate the "
+                                   "run's engine time from the seconds earlier jobs under the same output "
+                                   "recorded (per megapixel-iteration, per device kind).")
     p.add_argument("manifest", help="path or s3:// URI of a YAML manifest")
     p.add_argument("--output", help="output root instead of the manifest's")
     p.add_argument("--shard", metavar="I/N", help="only the I-th of N disjoint parts")
