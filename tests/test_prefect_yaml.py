@@ -59,3 +59,67 @@ def test_kubernetes_job_variables_are_variables_of_the_pool_template():
     [container] = TEMPLATE["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]["containers"]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "{{ gpu_limit }}"
     assert TEMPLATE["variables"]["properties"]["gpu_limit"]["default"] == 1
+
+
+# --- automations: notify when a nightly run fails, and when none has completed in 26 hours ---
+
+AUTOMATIONS = {a["name"]: a for a in DOC["automations"]}
+
+
+def flow_run_event(state: str, deployment: str, flow: str = "stylize-catalog"):
+    """A flow run state-change event with the related resources the Prefect server gives it."""
+    from types import SimpleNamespace
+    from uuid import uuid4
+
+    from prefect.server.events.schemas.events import ReceivedEvent
+    from prefect.server.models.events import _as_resource_data, _resource_data_as_related_resources
+    from prefect.types._datetime import now
+
+    def thing(name: str):
+        return SimpleNamespace(id=uuid4(), name=name, tags=[], type="process")
+
+    run = thing("nightly-run")
+    data = _as_resource_data(run, thing(flow), thing(deployment), thing("default"), thing("stylize-gpu"))
+    return ReceivedEvent(occurred=now("UTC"), event=f"prefect.flow-run.{state}", id=uuid4(),
+                         resource={"prefect.resource.id": f"prefect.flow-run.{run.id}"},
+                         related=_resource_data_as_related_resources(data, excluded_kinds=["flow-run"]))
+
+
+def server_trigger(name: str):
+    """The automation's trigger as the Prefect server evaluates it."""
+    from prefect.server.events.schemas.automations import AutomationCore
+
+    return AutomationCore.model_validate(AUTOMATIONS[name]).trigger
+
+
+@pytest.mark.parametrize("name", AUTOMATIONS)
+def test_automations_are_valid_and_notify_the_configured_block(name):
+    from prefect.events.schemas.automations import AutomationCore
+
+    automation = AutomationCore.model_validate(AUTOMATIONS[name])  # what `prefect automation create` checks
+    [action] = automation.actions
+    assert action.type == "send-notification"
+    assert str(action.block_document_id) == DOC["definitions"]["notify"]
+
+
+@pytest.mark.parametrize("state, deployment, fires", [
+    ("Failed", "nightly", True), ("Crashed", "nightly-k8s", True), ("Completed", "nightly", False),
+    ("Failed", "k8s-shard", False),  # a failed shard fails its parent, which notifies once
+    ("Failed", "adhoc", False),
+])
+def test_failed_nightly_run_notifies(state, deployment, fires):
+    trigger = server_trigger("stylize nightly failed")
+    assert trigger.posture == "Reactive"
+    assert trigger.covers(flow_run_event(state, deployment)) is fires
+
+
+def test_missing_nightly_run_notifies_after_26_hours():
+    from datetime import timedelta
+
+    trigger = server_trigger("stylize nightly missing")
+    # Proactive: fires when fewer than `threshold` matching events arrive within `within`.
+    assert (trigger.posture, trigger.threshold, trigger.within) == ("Proactive", 1, timedelta(hours=26))
+    assert trigger.covers(flow_run_event("Completed", "nightly"))
+    assert trigger.covers(flow_run_event("Completed", "nightly-k8s", flow="stylize-sharded"))
+    assert not trigger.covers(flow_run_event("Failed", "nightly"))
+    assert not trigger.covers(flow_run_event("Completed", "k8s-shard"))
