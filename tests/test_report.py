@@ -1,7 +1,7 @@
 """The HTML report from metadata files: escaping, pagination, unreadable files, curves, S3.
 
 The flow writing a report at the end of real runs is tested in
-tests/flows/test_report.py, and the page in a real browser in
+tests/flows/test_run_report.py, and the page in a real browser in
 tests/test_report_browser.py.
 """
 
