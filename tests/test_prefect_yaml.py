@@ -123,3 +123,10 @@ def test_missing_nightly_run_notifies_after_26_hours():
     assert trigger.covers(flow_run_event("Completed", "nightly-k8s", flow="stylize-sharded"))
     assert not trigger.covers(flow_run_event("Failed", "nightly"))
     assert not trigger.covers(flow_run_event("Completed", "k8s-shard"))
+
+
+def test_prefect_deploy_reads_the_file_with_its_automations():
+    from prefect.cli.deploy._models import PrefectYamlModel
+
+    model = PrefectYamlModel.model_validate(DOC)  # what `prefect deploy` validates; it ignores `automations`
+    assert [d.name for d in model.deployments] == list(DEPLOYMENTS)

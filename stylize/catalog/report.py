@@ -102,27 +102,33 @@ class Report:
 CURVE_W, CURVE_H = 260, 120
 _PAD_L, _PAD_R, _PAD_T, _PAD_B = 34, 6, 8, 16
 SERIES = (("total", "#222222"), ("content", "#1f77b4"), ("style", "#d62728"), ("tv", "#2ca02c"))
-MAX_POINTS = 150
+MAX_POINTS = 64
 
 
 def loss_curve(losses: Any) -> Curve | None:
-    """The SVG geometry of a job's losses (metadata ``losses`` columns), log scale; None if unusable."""
+    """The SVG geometry of a job's losses (metadata ``losses`` columns), log scale; None if unusable.
+
+    At most ``MAX_POINTS`` evenly spaced records per series are drawn (and both
+    sides of each scale change): a 260 px curve shows no more, and a page of 500
+    curves stays small.
+    """
     if not isinstance(losses, Mapping):
         return None
     its, scales = losses.get("iteration"), losses.get("scale")
-    if not isinstance(its, list) or len(its) < 2 or not all(_is_number(i) for i in its):
+    if not isinstance(its, list) or len(its) < 2:
         return None
-    scales = scales if isinstance(scales, list) and len(scales) == len(its) else [None] * len(its)
     n = len(its)
+    scales = scales if isinstance(scales, list) and len(scales) == n else [None] * n
     changes = [i for i in range(1, n) if scales[i] != scales[i - 1]]
-    m = min(n, MAX_POINTS)  # points kept per series: evenly spaced, plus both sides of each scale change
-    picked = sorted(set(round(k * (n - 1) / (m - 1)) for k in range(m)) | set(changes) | {c - 1 for c in changes})
+    m = min(n, MAX_POINTS)
+    picked = sorted({round(k * (n - 1) / (m - 1)) for k in range(m)} | set(changes) | {c - 1 for c in changes})
+    if not all(_is_number(its[i]) for i in picked):
+        return None
     columns = {}
     for label, _ in SERIES:
         column = losses.get(label)
         if isinstance(column, list) and len(column) == n:
-            columns[label] = [(its[i], math.log10(v)) for i in picked
-                              if _is_number(v := column[i]) and 0 < v < math.inf]
+            columns[label] = [(i, math.log10(v)) for i in picked if _is_number(v := column[i]) and v > 0]
     logs = [y for points in columns.values() for _, y in points]
     if not logs:
         return None
@@ -130,22 +136,17 @@ def loss_curve(losses: Any) -> Curve | None:
     if hi - lo < 1e-9:
         lo, hi = lo - 0.5, hi + 0.5
     x0, x1 = its[0], its[-1] if its[-1] != its[0] else its[0] + 1
-    plot_w, plot_h = CURVE_W - _PAD_L - _PAD_R, CURVE_H - _PAD_T - _PAD_B
-
-    def x(it: float) -> float:
-        return _PAD_L + (it - x0) / (x1 - x0) * plot_w
-
-    def y(log: float) -> float:
-        return _PAD_T + (hi - log) / (hi - lo) * plot_h
-
-    series = [(label, colour, " ".join(f"{x(i):.1f},{y(v):.1f}" for i, v in columns[label]))
+    x_scale = (CURVE_W - _PAD_L - _PAD_R) / (x1 - x0)
+    y_scale = (CURVE_H - _PAD_T - _PAD_B) / (hi - lo)
+    xs = {i: f"{_PAD_L + (its[i] - x0) * x_scale:.1f}" for i in picked}
+    series = [(label, colour, " ".join(f"{xs[i]},{_PAD_T + (hi - v) * y_scale:.1f}" for i, v in columns[label]))
               for label, colour in SERIES if len(columns.get(label, ())) >= 2]
-    marks = [(round(x(its[i]), 1), f"scale {scales[i]}") for i in changes]
+    marks = [(float(xs[i]), f"scale {scales[i]}") for i in changes]
     return Curve(series, marks, f"{10 ** hi:.0e}", f"{10 ** lo:.0e}", int(its[-1]))
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return type(value) in (int, float) and math.isfinite(value)  # not bool, a subclass of int
 
 
 # --- entries from metadata --------------------------------------------------------------------
