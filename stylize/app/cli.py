@@ -205,6 +205,8 @@ def _run(args: argparse.Namespace) -> int:
         print(f"stylize: error: the run failed: {result}{hint}", file=sys.stderr)
         return EXIT_FAILED
     view.print_summary(summary)
+    if summary.get("report_uri"):
+        print(f"report: {summary['report_uri']}")
     return EXIT_FAILED if summary["counts"]["failed"] else EXIT_OK
 
 
