@@ -34,6 +34,7 @@ from urllib.parse import quote
 
 from stylize import __version__
 from stylize.catalog import metadata, runs
+from stylize.catalog.runs import Problems
 from stylize.catalog.storage import Storage, child, is_s3, local_path, relative_to, split_s3
 from stylize.catalog.thumbnails import THUMBS
 from stylize.errors import ConfigError, NotFoundError
@@ -44,7 +45,6 @@ __all__ = ["PAGE_SIZE", "Report", "build_run_report", "build_catalog_report", "l
 PAGE_SIZE = 500
 SLOWEST = 12  # jobs in the "slowest" table
 FAILURES_SHOWN = 100  # per kind of error; the rest are counted
-PROBLEMS_SHOWN = 50  # unreadable files listed; the rest are counted
 READ_AHEAD = 64  # metadata files read concurrently (S3 GETs are latency-bound)
 
 
@@ -223,7 +223,7 @@ def _read_ahead(storage: Storage, items: Iterable[Any], uri_of: Callable[[Any], 
                 yield item, document, why
 
 
-def run_entries(storage: Storage, root: str, run_id: str, problems: list[tuple[str, str]]) -> Iterator[Entry]:
+def run_entries(storage: Storage, root: str, run_id: str, problems: Problems) -> Iterator[Entry]:
     """A run's jobs from its job log, with curves and thumbnails from their metadata."""
     rows = runs.read_job_log(storage, root, run_id, problems)
 
@@ -248,7 +248,7 @@ def run_entries(storage: Storage, root: str, run_id: str, problems: list[tuple[s
         yield entry
 
 
-def catalog_entries(storage: Storage, root: str, problems: list[tuple[str, str]]) -> Iterator[Entry]:
+def catalog_entries(storage: Storage, root: str, problems: Problems) -> Iterator[Entry]:
     """Every job with metadata under ``root``, in listing order."""
     def candidates():
         try:
@@ -491,7 +491,7 @@ def build_run_report(storage: Storage, root: str, run_id: str, *, target: str | 
             raise NotFoundError(f"{runs.summary_uri(root, run_id)}: no run summary ({why}); "
                                 f"`stylize report {root}` lists the runs it finds")
     pages = Pages(target or runs.report_uri(root, run_id), root, base_url)
-    problems: list[tuple[str, str]] = []
+    problems = Problems()
     counts = summary.get("counts") if isinstance(summary.get("counts"), Mapping) else {}
     expected = counts.get("total") if _is_number(counts.get("total")) else None
     context = _context(f"Run {run_id}", root, [summary], problems, run=summary)
@@ -510,20 +510,22 @@ def build_catalog_report(storage: Storage, root: str, *, target: str | None = No
     """Write the report of every job with metadata under ``root`` and every run recorded there
     (default ``_runs/catalog.html``)."""
     pages = Pages(target or child(root, f"{runs.RUNS}/catalog.html"), root, base_url)
-    problems: list[tuple[str, str]] = []
-    summaries = [_run_row(s) for s in runs.list_runs(storage, root, problems)]
+    problems = Problems()
+    failures = Stats()  # the failures that runs recorded: a catalog's jobs are the ones with outputs
+    summaries = []
+    for summary in runs.list_runs(storage, root, problems):
+        _failures_from_summary(failures, summary)
+        summaries.append(_run_row(summary))  # without its failures: memory stays bounded per run
     summaries.sort(key=lambda s: s["started"], reverse=True)
     context = _context("Catalog", root, summaries, problems, run=None)
-    context["failures"] = Stats()  # the failures that runs recorded: a catalog's jobs are the ones with outputs
-    for s in summaries:
-        _failures_from_summary(context["failures"], s)
+    context["failures"] = failures
     uris, stats = write_report(storage, pages, catalog_entries(storage, root, problems), context)
     return Report(uris[0], uris, stats.counts, len(problems))
 
 
 def _run_row(summary: Mapping[str, Any]) -> dict[str, Any]:
     """A run summary with the fields the runs table needs, whatever the file held."""
-    row = dict(summary)
+    row = {k: summary.get(k) for k in ("counts", "seconds", "engine_seconds", "devices")}
     row["started"] = str(summary.get("started") or "")
     row["run_id"] = str(summary.get("flow_run_id") or "")
     row["href"] = quote(row["run_id"]) + ".html" if runs.valid_run_id(row["run_id"]) else None
@@ -539,12 +541,12 @@ def _failures_from_summary(stats: Stats, summary: Mapping[str, Any]) -> None:
                                     run=str(summary.get("flow_run_id") or "")))
 
 
-def _context(title: str, root: str, summaries: Sequence[Mapping[str, Any]], problems: list, *,
+def _context(title: str, root: str, summaries: Sequence[Mapping[str, Any]], problems: Problems, *,
              run: Mapping[str, Any] | None) -> dict[str, Any]:
     """What every page shows besides its jobs. ``problems`` fills while the pages are built."""
     return {
         "title": title, "root": root, "run": run, "runs": summaries if run is None else [],
-        "totals": run_totals(summaries), "problems": problems, "problems_shown": PROBLEMS_SHOWN,
+        "totals": run_totals(summaries), "problems": problems,
         "built": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "failures": None,
         "no_job_log": False,
     }

@@ -18,7 +18,7 @@ from typing import Any, Iterator
 from stylize.catalog.storage import Storage, child, relative_to
 from stylize.errors import NotFoundError, StorageError
 
-__all__ = ["RUNS", "RUN_SCHEMA", "JOBS_SCHEMA", "JobLog", "summary_uri", "report_uri", "job_log_uri",
+__all__ = ["RUNS", "RUN_SCHEMA", "JOBS_SCHEMA", "JobLog", "Problems", "summary_uri", "report_uri", "job_log_uri",
            "read_json", "read_job_log", "list_runs"]
 
 RUNS = "_runs"
@@ -87,7 +87,24 @@ def read_json(storage: Storage, uri: str) -> tuple[dict | None, str | None]:
     return document, None
 
 
-def read_job_log(storage: Storage, root: str, run_id: str, problems: list[tuple[str, str]]) -> Iterator[dict]:
+class Problems:
+    """Files that a reader skipped: the first ``shown_at_most`` as (uri, why), and how many in all."""
+
+    def __init__(self, shown_at_most: int = 50):
+        self.shown: list[tuple[str, str]] = []
+        self.count = 0
+        self._limit = shown_at_most
+
+    def append(self, problem: tuple[str, str]) -> None:
+        self.count += 1
+        if len(self.shown) < self._limit:
+            self.shown.append(problem)
+
+    def __len__(self) -> int:
+        return self.count
+
+
+def read_job_log(storage: Storage, root: str, run_id: str, problems: Problems) -> Iterator[dict]:
     """The run's job rows in the order they finished, one file at a time.
 
     A file that cannot be read is skipped and appended to ``problems`` as
@@ -109,7 +126,7 @@ def read_job_log(storage: Storage, root: str, run_id: str, problems: list[tuple[
         yield from (row for row in jobs if isinstance(row, dict) and isinstance(row.get("job"), str))
 
 
-def list_runs(storage: Storage, root: str, problems: list[tuple[str, str]]) -> Iterator[dict]:
+def list_runs(storage: Storage, root: str, problems: Problems) -> Iterator[dict]:
     """Every run summary directly under ``OUTPUT/_runs/``, in listing order.
 
     Unreadable files, and JSON files that are not run summaries, are
