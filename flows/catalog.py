@@ -433,8 +433,8 @@ def _publish_report(summary: dict, tally: _Tally, storage: Storage) -> list[tupl
     root, run_id = output_root(summary["output"]), summary["flow_run_id"]
     try:
         report = build_run_report(storage, root, run_id, summary=summary)
-    except StylizeError as exc:  # the outputs and the summary are written; the run stands without its report
-        log.warning("the report of run %s was not written: %s", run_id, exc)
+    except Exception as exc:  # noqa: BLE001 - the outputs and summary are written: the run stands without a report
+        log.warning("the report of run %s was not written: %s: %s", run_id, type(exc).__name__, exc)
         return []
     served = os.environ.get("STYLIZE_OUTPUT_URL", "").rstrip("/")
     served = served if served.startswith(("http://", "https://")) else ""
