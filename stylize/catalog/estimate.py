@@ -39,6 +39,7 @@ class Rate:
 
     @property
     def seconds_per_work(self) -> float:
+        """Engine seconds per pixel-iteration run."""
         return self.seconds / self.work
 
     @property

@@ -284,6 +284,7 @@ class Stats:
         self.failure_counts: dict[str, int] = {}
 
     def add(self, entry: Entry) -> None:
+        """Count one job: its status, and its time (done jobs) or its failure."""
         self.counts[entry.status] = self.counts.get(entry.status, 0) + 1
         if entry.status == "failed":
             self.add_failure(entry)
@@ -293,6 +294,7 @@ class Stats:
             (heapq.heappush if len(self.slowest) < SLOWEST else heapq.heappushpop)(self.slowest, item)
 
     def add_failure(self, entry: Entry) -> None:
+        """File a failed job under its kind of error; past ``FAILURES_SHOWN`` a kind only counts."""
         kind = entry.kind or "Error"
         self.failure_counts[kind] = self.failure_counts.get(kind, 0) + 1
         shown = self.failures.setdefault(kind, [])
@@ -366,6 +368,7 @@ class Pages:
             self.to_root(first)  # refuse a place that cannot link to the root before building anything
 
     def uri(self, page: int) -> str:
+        """Where page ``page`` (from 1) is written."""
         if page == 1:
             return self.first
         return child(self.first[:-5], f"page-{page:04d}.html") if is_s3(self.first) else \

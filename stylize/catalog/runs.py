@@ -96,6 +96,7 @@ class Problems:
         self._limit = shown_at_most
 
     def append(self, problem: tuple[str, str]) -> None:
+        """Record one skipped file as (uri, why)."""
         self.count += 1
         if len(self.shown) < self._limit:
             self.shown.append(problem)
