@@ -81,6 +81,12 @@ class Entry:
     links: dict[str, Any] | None = None  # hrefs from the entry's page, set when it is rendered
 
     @property
+    def device_seconds(self) -> float | None:
+        """The job's time on its device (the engine's), else its wall time, which includes waiting
+        for a free device when a run submits more jobs than it has devices."""
+        return self.engine_seconds if self.engine_seconds is not None else self.seconds
+
+    @property
     def message(self) -> str:
         """The error without its leading field path (shown beside it)."""
         error = self.error or ""
@@ -288,9 +294,9 @@ class Stats:
         self.counts[entry.status] = self.counts.get(entry.status, 0) + 1
         if entry.status == "failed":
             self.add_failure(entry)
-        elif entry.status == "done" and entry.seconds is not None:
-            self.bins[_bin(entry.seconds)] += 1
-            item = (entry.seconds, -entry.index, entry.name, entry.page)
+        elif entry.status == "done" and entry.device_seconds is not None:
+            self.bins[_bin(entry.device_seconds)] += 1
+            item = (entry.device_seconds, -entry.index, entry.name, entry.page)
             (heapq.heappush if len(self.slowest) < SLOWEST else heapq.heappushpop)(self.slowest, item)
 
     def add_failure(self, entry: Entry) -> None:
@@ -328,6 +334,17 @@ def _duration(seconds: float | None) -> str:
     if seconds < 3600:
         return f"{int(seconds // 60)} min {int(seconds % 60):02d} s"
     return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60):02d} min"
+
+
+def _when(stamp: Any) -> str:
+    """An ISO timestamp as ``2026-12-02 02:00 UTC``; anything else as it is."""
+    try:
+        moment = datetime.fromisoformat(str(stamp))
+    except ValueError:
+        return str(stamp)
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(timezone.utc)
+    return moment.strftime("%Y-%m-%d %H:%M UTC")
 
 
 def run_totals(summaries: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -412,6 +429,7 @@ def _environment():
     env = Environment(loader=PackageLoader("stylize.catalog", "templates"), autoescape=True,
                       undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     env.filters["duration"] = _duration
+    env.filters["when"] = _when
     env.filters["percent"] = lambda v: "-" if v is None else f"{100 * v:.0f}%"
     env.filters["rate"] = lambda v: "-" if v is None else f"{v:,.0f}" if v >= 10 else f"{v:.2g}"
     return env
