@@ -22,8 +22,10 @@ stop at their next iteration and no storage attempt starts after it
 
 Progress goes out as typed events (``stylize.catalog.progress``: run
 started, iteration, job finished) to whoever listens, the CLI's view when
-there is one; the run ends with table, markdown and progress artifacts and
-a summary JSON at ``OUTPUT/_runs/<flow-run-id>.json``.
+there is one; the run ends with table, markdown, progress and link artifacts, a
+summary JSON at ``OUTPUT/_runs/<flow-run-id>.json`` and its HTML report
+beside it (``stylize.catalog.report``; the jobs' thumbnails and the run's
+job log, ``stylize.catalog.runs``, are what it is built from).
 """
 
 from __future__ import annotations
