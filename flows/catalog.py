@@ -399,6 +399,7 @@ def _summary(tally: _Tally, manifest: str, output: str, shard, slots, max_failur
 
 def _publish(summary: dict, tally: _Tally, storage: Storage) -> None:
     tally.log.flush()
+    summary["job_log_files"] = tally.log.files
     summary["report_uri"] = report_uri(output_root(summary["output"]), summary["flow_run_id"])
     storage.write(summary["summary_uri"], json.dumps(summary, indent=2).encode(), content_type="application/json")
     thumbs = _publish_report(summary, tally, storage)

@@ -63,11 +63,12 @@ def write_run(storage: Storage, root: str, run_id: str, rows: list[dict], second
         log.add(row)
     log.flush()
     counts = {s: sum(r["status"] == s for r in rows) for s in ("done", "skipped", "failed")}
+    files = log.files
     summary = {"schema": runs.RUN_SCHEMA, "flow_run_id": run_id, "manifest": "m.yaml", "output": root,
                "devices": ["cpu", "cpu"], "started": f"2026-12-0{len(run_id) % 9 + 1}T02:00:00+00:00",
                "seconds": seconds, "engine_seconds": 150.0, "counts": dict(counts, total=len(rows)),
                "failures": [{"job": r["job"], "error": r["error"], "kind": r.get("kind")}
-                            for r in rows if r["status"] == "failed"]}
+                            for r in rows if r["status"] == "failed"], "job_log_files": files}
     storage.write(runs.summary_uri(root, run_id), json.dumps(summary).encode())
 
 
@@ -280,3 +281,23 @@ def test_report_on_s3_links_relative_paths(s3, bucket, s3_server, monkeypatch, c
     report = build_run_report(storage, root, "r1", target=f"s3://{bucket}/r.html", base_url="https://cdn.example/out")
     assert "https://cdn.example/out/_thumbs/cat.jpg" in s3.get_object(Bucket=bucket, Key="r.html")["Body"].read().decode()
     assert report.counts["done"] == 1
+
+
+def test_a_job_log_file_that_is_missing_is_counted_and_the_rest_still_listed(tmp_path, monkeypatch):
+    monkeypatch.setattr(runs, "CHUNK", 2)  # three job-log files for five jobs
+    storage, root = Storage(), str(tmp_path / "out")
+    rows = [{"job": f"f{i}", "status": "failed", "error": "boom", "kind": "InputError"} for i in range(5)]
+    write_run(storage, root, "r", rows)
+    missing = tmp_path / "out" / "_runs" / "r" / "jobs-000001.json"
+    missing.unlink()
+    report = build_run_report(storage, root, "r")
+    assert [card for _, card in parse(Path(report.uri)).cards] == ["j0", "j1", "j2"]  # f0, f1, f4
+    assert report.problems == 1 and str(missing) in Path(report.uri).read_text()
+
+
+def test_a_job_log_that_cannot_be_written_never_stops_the_run(tmp_path, caplog):
+    (tmp_path / "out").write_text("a file where the output folder should be")
+    log = runs.JobLog(Storage(), str(tmp_path / "out"), "r")
+    log.add({"job": "a", "status": "done"})
+    log.flush()  # no exception: the job's own outputs are what matter
+    assert log.files == 1 and "job log" in caplog.text and "not written (1 jobs left out" in caplog.text

@@ -229,9 +229,11 @@ def _read_ahead(storage: Storage, items: Iterable[Any], uri_of: Callable[[Any], 
                 yield item, document, why
 
 
-def run_entries(storage: Storage, root: str, run_id: str, problems: Problems) -> Iterator[Entry]:
-    """A run's jobs from its job log, with curves and thumbnails from their metadata."""
-    rows = runs.read_job_log(storage, root, run_id, problems)
+def run_entries(storage: Storage, root: str, run_id: str, problems: Problems,
+                files: int | None = None) -> Iterator[Entry]:
+    """A run's jobs from its job log (``files`` long, when known), with curves and thumbnails
+    from their metadata."""
+    rows = runs.read_job_log(storage, root, run_id, problems, files)
 
     def uri_of(row):
         return None if row.get("status") == "failed" else child(root, f"{row['job']}.json")
@@ -521,7 +523,8 @@ def build_run_report(storage: Storage, root: str, run_id: str, *, target: str | 
         context["failures"] = Stats()
         _failures_from_summary(context["failures"], summary)
         context["no_job_log"] = True
-    uris, stats = write_report(storage, pages, run_entries(storage, root, run_id, problems), context,
+    files = summary.get("job_log_files") if _is_number(summary.get("job_log_files")) else None
+    uris, stats = write_report(storage, pages, run_entries(storage, root, run_id, problems, files), context,
                                expected=expected)
     return Report(uris[0], uris, stats.counts, len(problems))
 

@@ -12,6 +12,7 @@ needs, so ``stylize report`` can rebuild one long after the run.
 from __future__ import annotations
 
 import json
+import logging
 import re
 from typing import Any, Iterator
 
@@ -26,6 +27,7 @@ RUN_SCHEMA = "stylize.run/v1"
 JOBS_SCHEMA = "stylize.run-jobs/v1"
 #: Jobs per job-log file: one report page's worth, so a page is built from one file.
 CHUNK = 500
+log = logging.getLogger(__name__)
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -45,12 +47,18 @@ def job_log_uri(root: str, run_id: str, index: int) -> str:
 
 
 class JobLog:
-    """Writes a run's job rows (``Outcome.as_row()``) to its job log, ``CHUNK`` per file."""
+    """Writes a run's job rows (``Outcome.as_row()``) to its job log, ``CHUNK`` per file.
+
+    A file that cannot be written is logged and left out (its jobs are missing
+    from the report, which says so); it never stops the run. ``files`` counts
+    the files the log meant to write, for the summary, so a reader knows how
+    many to expect.
+    """
 
     def __init__(self, storage: Storage, root: str, run_id: str):
         self.storage, self.root, self.run_id = storage, root, run_id
         self._rows: list[dict[str, Any]] = []
-        self._files = 0
+        self.files = 0
 
     def add(self, row: dict[str, Any]) -> None:
         """Record one finished job; writes a file each ``CHUNK`` jobs."""
@@ -62,11 +70,14 @@ class JobLog:
         """Write the rows held so far (at the end of the run: the last, partial file)."""
         if not self._rows:
             return
-        document = {"schema": JOBS_SCHEMA, "run": self.run_id, "index": self._files, "jobs": self._rows}
+        uri = job_log_uri(self.root, self.run_id, self.files)
+        document = {"schema": JOBS_SCHEMA, "run": self.run_id, "index": self.files, "jobs": self._rows}
         data = json.dumps(document, ensure_ascii=False, allow_nan=False).encode("utf-8")
-        self.storage.write(job_log_uri(self.root, self.run_id, self._files), data,
-                           content_type="application/json")
-        self._files += 1
+        try:
+            self.storage.write(uri, data, content_type="application/json")
+        except StorageError as exc:  # the jobs' own outputs matter; their listing is for the report
+            log.warning("job log %s not written (%d jobs left out of the report): %s", uri, len(self._rows), exc)
+        self.files += 1
         self._rows = []
 
 
@@ -105,17 +116,19 @@ class Problems:
         return self.count
 
 
-def read_job_log(storage: Storage, root: str, run_id: str, problems: Problems) -> Iterator[dict]:
+def read_job_log(storage: Storage, root: str, run_id: str, problems: Problems,
+                 files: int | None = None) -> Iterator[dict]:
     """The run's job rows in the order they finished, one file at a time.
 
-    A file that cannot be read is skipped and appended to ``problems`` as
-    (uri, why); the log ends at the first missing file.
+    ``files`` is how many files the run wrote (its summary's ``job_log_files``);
+    without it the log ends at the first missing file. A file that cannot be
+    read is skipped and appended to ``problems`` as (uri, why).
     """
     index = 0
-    while True:
+    while files is None or index < files:
         uri = job_log_uri(root, run_id, index)
         document, why = read_json(storage, uri)
-        if why == "missing":
+        if why == "missing" and files is None:
             return
         index += 1
         jobs = document.get("jobs") if document is not None else None
