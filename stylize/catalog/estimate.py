@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 from PIL import Image
 
 from stylize.catalog import metadata
 from stylize.catalog.manifest import Job
-from stylize.catalog.storage import Storage, relative_to
+from stylize.catalog.runs import metadata_files, read_many
+from stylize.catalog.storage import Storage
 from stylize.engine.optimize import level_sizes
-from stylize.errors import NotFoundError
 
 __all__ = ["HISTORY_LIMIT", "Rate", "job_work", "history", "planned_work", "Estimate"]
 
@@ -70,23 +70,11 @@ def job_work(meta: Mapping[str, Any]) -> tuple[str, float, float, float] | None:
     return (kind, seconds, float(work), float(sum(sizes) * iterations)) if work else None
 
 
-def _metadata_files(storage: Storage, root: str) -> Iterator[str]:
-    try:
-        for uri in storage.list(root):
-            rel = relative_to(uri, root)
-            if rel.endswith(".json") and not rel.startswith(("_runs/", "_thumbs/")):
-                yield uri
-    except NotFoundError:
-        return
-
-
 def history(storage: Storage, root: str, *, limit: int = HISTORY_LIMIT) -> dict[str, Rate]:
     """Rates per device kind from up to ``limit`` metadata files under ``root``; unreadable ones are ignored."""
-    from stylize.catalog.report import _read_ahead  # the report's concurrent reader
-
     rates: dict[str, Rate] = {}
-    files = (uri for _, uri in zip(range(limit), _metadata_files(storage, root)))
-    for _, meta, _ in _read_ahead(storage, files, lambda uri: uri):
+    files = (uri for _, uri in zip(range(limit), metadata_files(storage, root)))
+    for _, meta, _ in read_many(storage, files, lambda uri: uri):
         if meta is None or meta.get("schema") != metadata.SCHEMA or (work := job_work(meta)) is None:
             continue
         kind, seconds, done, planned = work

@@ -25,18 +25,15 @@ import math
 import os
 import posixpath
 import re
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from itertools import islice
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 from urllib.parse import quote
 
 from stylize import __version__
 from stylize.catalog import metadata, runs
 from stylize.catalog.runs import Problems
-from stylize.catalog.storage import Storage, child, is_s3, local_path, relative_to, split_s3
-from stylize.catalog.thumbnails import THUMBS
+from stylize.catalog.storage import Storage, child, is_s3, local_path, split_s3
 from stylize.errors import ConfigError, NotFoundError
 
 __all__ = ["PAGE_SIZE", "Report", "build_run_report", "build_catalog_report", "loss_curve"]
@@ -45,7 +42,6 @@ __all__ = ["PAGE_SIZE", "Report", "build_run_report", "build_catalog_report", "l
 PAGE_SIZE = 500
 SLOWEST = 12  # jobs in the "slowest" table
 FAILURES_SHOWN = 100  # per kind of error; the rest are counted
-READ_AHEAD = 64  # metadata files read concurrently (S3 GETs are latency-bound)
 
 
 @dataclass
@@ -215,20 +211,6 @@ def is_job_metadata(document: Mapping[str, Any] | None) -> str | None:
     return None
 
 
-def _read_ahead(storage: Storage, items: Iterable[Any], uri_of: Callable[[Any], str | None]
-                ) -> Iterator[tuple[Any, dict | None, str | None]]:
-    """(item, JSON document or None, why not) for each item, reading ``READ_AHEAD`` at a time."""
-    def read(item):
-        uri = uri_of(item)
-        return (None, None) if uri is None else runs.read_json(storage, uri)
-
-    it = iter(items)
-    with ThreadPoolExecutor(8) as pool:
-        while window := list(islice(it, READ_AHEAD)):
-            for item, (document, why) in zip(window, pool.map(read, window)):
-                yield item, document, why
-
-
 def run_entries(storage: Storage, root: str, run_id: str, problems: Problems,
                 files: int | None = None) -> Iterator[Entry]:
     """A run's jobs from its job log (``files`` long, when known), with curves and thumbnails
@@ -238,7 +220,7 @@ def run_entries(storage: Storage, root: str, run_id: str, problems: Problems,
     def uri_of(row):
         return None if row.get("status") == "failed" else child(root, f"{row['job']}.json")
 
-    for row, meta, why in _read_ahead(storage, rows, uri_of):
+    for row, meta, why in runs.read_many(storage, rows, uri_of):
         status = row.get("status") if row.get("status") in ("done", "skipped", "failed") else "failed"
         if status != "failed" and is_job_metadata(meta) is None and meta["job"] == row["job"]:
             entry = entry_from_metadata(meta, status=status, run=run_id)
@@ -258,16 +240,7 @@ def run_entries(storage: Storage, root: str, run_id: str, problems: Problems,
 
 def catalog_entries(storage: Storage, root: str, problems: Problems) -> Iterator[Entry]:
     """Every job with metadata under ``root``, in listing order."""
-    def candidates():
-        try:
-            for uri in storage.list(root):
-                rel = relative_to(uri, root)
-                if rel.endswith(".json") and not rel.startswith((f"{runs.RUNS}/", f"{THUMBS}/")):
-                    yield uri
-        except NotFoundError:
-            return
-
-    for uri, meta, why in _read_ahead(storage, candidates(), lambda uri: uri):
+    for uri, meta, why in runs.read_many(storage, runs.metadata_files(storage, root), lambda uri: uri):
         reason = why or is_job_metadata(meta)
         if reason is not None:
             problems.append((uri, reason))

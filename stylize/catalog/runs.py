@@ -14,19 +14,23 @@ from __future__ import annotations
 import json
 import logging
 import re
-from typing import Any, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from itertools import islice
+from typing import Any, Callable, Iterable, Iterator
 
 from stylize.catalog.storage import Storage, child, relative_to
+from stylize.catalog.thumbnails import THUMBS
 from stylize.errors import NotFoundError, StorageError
 
 __all__ = ["RUNS", "RUN_SCHEMA", "JOBS_SCHEMA", "JobLog", "Problems", "summary_uri", "report_uri", "job_log_uri",
-           "read_json", "read_job_log", "list_runs"]
+           "read_json", "metadata_files", "read_many", "read_job_log", "list_runs"]
 
 RUNS = "_runs"
 RUN_SCHEMA = "stylize.run/v1"
 JOBS_SCHEMA = "stylize.run-jobs/v1"
 #: Jobs per job-log file: one report page's worth, so a page is built from one file.
 CHUNK = 500
+READ_AHEAD = 64  # JSON files read concurrently by read_many
 log = logging.getLogger(__name__)
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -114,6 +118,33 @@ class Problems:
 
     def __len__(self) -> int:
         return self.count
+
+
+def metadata_files(storage: Storage, root: str) -> Iterator[str]:
+    """Every ``.json`` under the output root but the run files and thumbnails: the jobs' metadata
+    (and whatever else a user put there), listed lazily."""
+    try:
+        for uri in storage.list(root):
+            rel = relative_to(uri, root)
+            if rel.endswith(".json") and not rel.startswith((f"{RUNS}/", f"{THUMBS}/")):
+                yield uri
+    except NotFoundError:
+        return
+
+
+def read_many(storage: Storage, items: Iterable[Any], uri_of: Callable[[Any], str | None]
+                ) -> Iterator[tuple[Any, dict | None, str | None]]:
+    """(item, JSON object or None, why not) for each item, in order, reading the JSON at ``uri_of(item)``
+    (None: nothing to read) ``READ_AHEAD`` files at a time on 8 threads: S3 GETs wait on latency."""
+    def read(item):
+        uri = uri_of(item)
+        return (None, None) if uri is None else read_json(storage, uri)
+
+    it = iter(items)
+    with ThreadPoolExecutor(8) as pool:
+        while window := list(islice(it, READ_AHEAD)):
+            for item, (document, why) in zip(window, pool.map(read, window)):
+                yield item, document, why
 
 
 def read_job_log(storage: Storage, root: str, run_id: str, problems: Problems,

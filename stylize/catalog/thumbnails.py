@@ -16,7 +16,6 @@ from typing import Any, Mapping, Sequence
 from PIL import Image
 
 from stylize.catalog.storage import Storage, child
-from stylize.engine import images
 
 __all__ = ["THUMBS", "SIDE", "output_thumb", "input_thumb", "encode_thumbnail", "write_thumbnails"]
 
@@ -65,6 +64,8 @@ def write_thumbnails(storage: Storage, root: str, name: str, output: Image.Image
         storage.write(child(root, paths["content"]), encode_thumbnail(content), content_type="image/jpeg")
     for path, spec, data in zip(paths["styles"], inputs["styles"], style_bytes):
         if not storage.exists(child(root, path)):
+            from stylize.engine import images  # here: the report's readers import this module without torch
+
             style = images.decode(data, name=spec.get("uri", "style"))
             storage.write(child(root, path), encode_thumbnail(style), content_type="image/jpeg")
     return paths
