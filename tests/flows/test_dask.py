@@ -39,7 +39,7 @@ def catalog(tmp_path) -> Path:
 
 def files(folder: Path) -> dict[str, bytes]:
     return {p.relative_to(folder).as_posix(): p.read_bytes()
-            for p in folder.rglob("*") if p.is_file() and "_runs" not in p.parts}
+            for p in folder.rglob("*") if p.is_file() and "_runs" not in p.parts and "_thumbs" not in p.parts}
 
 
 def test_local_cluster_gives_the_default_runners_outputs(catalog, tmp_path):
