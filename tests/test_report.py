@@ -301,3 +301,5 @@ def test_a_job_log_that_cannot_be_written_never_stops_the_run(tmp_path, caplog):
     log.add({"job": "a", "status": "done"})
     log.flush()  # no exception: the job's own outputs are what matter
     assert log.files == 1 and "job log" in caplog.text and "not written (1 jobs left out" in caplog.text
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    assert main(["report", root, "--run", "r1", "--endpoint-url", s3_server]) == 0

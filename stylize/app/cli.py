@@ -371,11 +371,12 @@ def cmd_report(args: argparse.Namespace) -> int:
     from stylize.catalog.storage import Storage, output_root
 
     root = output_root(args.output)
+    storage = Storage(endpoint_url=args.endpoint_url)
     target = None if args.o is None else args.o if "://" in args.o else os.path.abspath(args.o)
     if args.run:
-        report = build_run_report(Storage(), root, args.run, target=target, base_url=args.base_url)
+        report = build_run_report(storage, root, args.run, target=target, base_url=args.base_url)
     else:
-        report = build_catalog_report(Storage(), root, target=target, base_url=args.base_url)
+        report = build_catalog_report(storage, root, target=target, base_url=args.base_url)
     c = report.counts
     print(f"wrote {report.uri} ({len(report.pages)} page(s)): {c.get('done', 0)} done, "
           f"{c.get('skipped', 0)} skipped, {c.get('failed', 0)} failed"
@@ -397,6 +398,7 @@ def _register_report_command(sub) -> None:
                                               "folder, in a folder named after it")
     p.add_argument("--base-url", metavar="URL", help="link images at this HTTP(S) address of OUTPUT instead of "
                                                      "relative paths (for a report kept outside OUTPUT)")
+    p.add_argument("--endpoint-url", metavar="URL", help="S3 endpoint (MinIO, R2...); default AWS_ENDPOINT_URL")
     p.set_defaults(func=cmd_report)
 
 
