@@ -220,12 +220,17 @@ def test_prefect_yaml_deploys_to_its_work_pools(server, tmp_path):
     prefect("work-pool", "create", "stylize-k8s", "--type", "kubernetes",
             "--base-job-template", "deploy/kubernetes-gpu-job-template.json")
     prefect("--no-prompt", "deploy", "--all")
+    prefect("automation", "create", "--from-file", "prefect.yaml")  # the README's alerts, verbatim
 
     with temporary_settings({PREFECT_API_URL: server}), get_client(sync_client=True) as client:
         nightly = client.read_deployment_by_name("stylize-catalog/nightly")
         parent = client.read_deployment_by_name("stylize-sharded/nightly-k8s")
         shard = client.read_deployment_by_name("stylize-catalog/k8s-shard")
         template = client.read_work_pool("stylize-k8s").base_job_template
+        alerts = {name: client.read_automations_by_name(name) for name in ("stylize nightly failed",
+                                                                          "stylize nightly missing")}
+    assert {name: [a.trigger.posture for a in found] for name, found in alerts.items()} == \
+        {"stylize nightly failed": ["Reactive"], "stylize nightly missing": ["Proactive"]}
 
     for deployment in (nightly, parent):
         [schedule] = deployment.schedules
