@@ -150,3 +150,38 @@ def test_tiled_grams_equal_whole_image_grams():
     tiled = tiled_grams(model, style, s.style_layers, plan_tiles(168, 200, 48, s.style_layers), True)
     for n in s.style_layers:
         assert_rel_close(tiled[n], whole[n], 1e-5)
+
+
+def test_tiled_run_matches_untiled_run():
+    """Three L-BFGS iterations at 192x128, whole image against 64 px tiles: the same picture."""
+    content = Image.open(DATA / "chelsea.png").convert("RGB")
+    style = Image.open(DATA / "starry_night.jpg").convert("RGB")
+    engine = Engine("cpu")
+    results = {}
+    for tile in (None, 64):
+        s = Settings(size=192, iterations=3, scales=1, precision="float32", tile=tile, tolerance=0)
+        results[tile] = engine.run(content, [style], s)
+    whole, tiled = results[None], results[64]
+    assert whole.memory[0]["tile"] is None and tiled.memory[0]["tile"] == 64 and tiled.memory[0]["halo"] == 80
+    assert len(tiled.records) == len(whole.records) == 4
+    for a, b in zip(whole.records, tiled.records):
+        assert abs(a.total - b.total) <= 1e-4 * a.total
+    assert whole.records[-1].total < 0.9 * whole.records[0].total  # it did optimize
+    assert (tiled.pixels - whole.pixels).abs().max() < 1e-3
+    assert tiled.pixels.shape == (3, 128, 192)
+
+
+@pytest.mark.parametrize("update, field", [
+    (dict(max_memory="200MB"), "max_memory"),
+    (dict(max_memory="1GiB", tile=512), "max_memory"),
+])
+def test_budget_below_one_tile_is_refused_before_any_work(update, field):
+    from stylize.errors import ResourceError
+
+    content = Image.open(DATA / "chelsea.png").convert("RGB")
+    calls = []
+    s = Settings(size=2048, iterations=1, scales=1, precision="float32", **update)
+    with pytest.raises(ResourceError, match=field) as err:
+        Engine("cpu").run(content, [content], s, callback=calls.append)
+    assert calls == []
+    assert "raise max_memory" in str(err.value)

@@ -15,8 +15,10 @@ variation mean the same for all of them.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
+import resource
 import threading
 import time
 from dataclasses import dataclass, field
@@ -28,12 +30,14 @@ from PIL import Image
 from torch import Tensor, nn
 
 from stylize.engine import images
-from stylize.errors import Cancelled, ConfigError, InputError, OptimizationError
+from stylize.errors import Cancelled, ConfigError, InputError, OptimizationError, ResourceError
 from stylize.engine.features import LAYER_INDEX, VGG19Features, min_side, resolve_weights
 from stylize.engine.fused import LossSpec, feature_losses
 from stylize.engine.losses import ContentLoss, StyleLoss, TVLoss, gram
 from stylize.engine.malloc import retain_freed_memory
+from stylize.engine.budget import MemoryPlan, plan_memory, smaller_tile
 from stylize.engine.settings import Settings
+from stylize.engine.tiled import TilePlan, plan_tiles, tiled_feature_losses, tiled_features, tiled_grams
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +74,11 @@ class Result:
     precision: str
     sizes: list[tuple[int, int]] = field(default_factory=list)  # (w, h) per level, coarse to fine
     stopped_early: list[bool] = field(default_factory=list)  # per level
+    # Per level: tiles (core, halo, count; tile None = whole image), L-BFGS history, the memory estimate
+    # and budget; and the peak memory of the run (CUDA: allocated; CPU: the process's peak RSS).
+    memory: list[dict] = field(default_factory=list)
+    peak_memory: int | None = None
+    pixels: Tensor | None = None  # (3, h, w) float32 in 0-1 on the CPU: what 16-bit outputs are written from
 
 
 RecordCallback = Callable[[Record], None]
@@ -274,6 +283,7 @@ class Objective(nn.Module):
         dtype: torch.dtype,
         channels_last: bool,
         fused: bool = True,
+        tiles: TilePlan | None = None,
     ):
         super().__init__()
         self.features = features
@@ -288,6 +298,8 @@ class Objective(nn.Module):
         self.dtype = dtype
         self.channels_last = channels_last
         self.fused = fused
+        self.tiles = tiles  # evaluate tile by tile (stylize.engine.tiled): same losses, bounded memory
+        self.timings: dict[str, float] = {}  # seconds per part of the tiled evaluation, for benchmarks
         wc, ws, _ = self.weights
         # The same losses and weights for the fused pass (see stylize.engine.fused).
         self.spec = LossSpec(
@@ -298,6 +310,11 @@ class Objective(nn.Module):
     def forward(self, image: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         rgb = image.expand(-1, 3, -1, -1) if image.shape[1] == 1 else image  # luminance -> grey RGB
         wc, ws, wt = self.weights
+        if self.tiles is not None:
+            features, content, style = tiled_feature_losses(image, self.features, self.spec, self.tiles,
+                                                            self.channels_last, self.timings)
+            tv = wt * self.tv(image)
+            return features + tv, content, style, tv
         if self.fused:
             content, style = feature_losses(self.features.preprocess(rgb.float()), self.features, self.spec,
                                             self.channels_last)
@@ -369,9 +386,14 @@ class StyleTargets:
                 y = images.rgb_to_yiq(x)[:, :1]
                 y = (y - y.mean()) / y.std().clamp_min(1e-6) * luminance[1] + luminance[0]
                 x = y.expand(-1, 3, -1, -1)
-            feats = run_features(model, x, s.style_layers, dtype, self.engine.channels_last)
+            tiles = self.engine.tile_plan(size[1], size[0], 1, 3, s)
+            if tiles is None:
+                feats = run_features(model, x, s.style_layers, dtype, self.engine.channels_last)
+                grams = {name: gram(feats[name]) for name in s.style_layers}
+            else:  # a print-size style image: its Grams summed over tiles
+                grams = tiled_grams(model, x, s.style_layers, tiles, self.engine.channels_last)
             for name in s.style_layers:
-                g = gram(feats[name]) * weight  # (1, c, c)
+                g = grams[name] * weight  # (1, c, c)
                 blended[name] = blended[name] + g if name in blended else g
         return blended
 
@@ -508,6 +530,11 @@ class Engine:
 
         model = self.features(s)
         dtype = self.dtype(s)
+        # Whole image or tiles, and the history length, per level; refuses a budget that cannot work
+        # before any work is done.
+        memory = [plan_memory(lh, lw, b, 1 if s.preserve_color else 3, s, dtype, self.device) for lw, lh in sizes]
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
         records: list[list[Record]] = [[] for _ in range(b)]
         stopped: list[list[bool]] = [[] for _ in range(b)]
         iterations = [0] * b
@@ -525,24 +552,68 @@ class Engine:
                 x = torch.cat([self._initial(s, c_target[i:i + 1], inits[i], (lh, lw)) for i in range(b)])
             else:
                 x = _resize_tensor(x, (lh, lw))
-            with torch.no_grad():
-                content_feats = run_features(model, c_target.expand(-1, 3, -1, -1), s.content_layers, dtype,
-                                             self.channels_last)
-            objective = Objective(model, s, content_feats, style_grams, dtype, self.channels_last, self.fused)
-            x = x.detach().clone().requires_grad_(True)
-            x, early = self._optimize(x, objective, s, level, iterations, started, records, callback, snapshot, c,
-                                      cancel)
+            loop = (level, iterations, started, records, callback, snapshot, c, cancel)
+            x, early, memory[level - 1] = self._run_level(x, model, s, c_target, style_grams, memory[level - 1], loop)
             for i in range(b):
                 stopped[i].append(early[i])
             log.debug("level %d (%dx%d) done at iterations %s", level, lw, lh, iterations)
 
         out = self._to_rgb(x, c, s)
         seconds = time.perf_counter() - started
+        levels = [dict(plan.describe(), size=list(size)) for plan, size in zip(memory, sizes)]
+        peak = peak_memory(self.device)
         return [
             Result(image=images.to_image(out[i]), records=records[i], seconds=seconds, device=str(self.device),
-                   precision=str(dtype).replace("torch.", ""), sizes=sizes, stopped_early=stopped[i])
+                   precision=str(dtype).replace("torch.", ""), sizes=sizes, stopped_early=stopped[i],
+                   memory=levels, peak_memory=peak, pixels=out[i].detach().float().cpu())
             for i in range(b)
         ]
+
+    def tile_plan(self, height: int, width: int, batch: int, channels: int, s: Settings) -> TilePlan | None:
+        """Tiles for an image of this size under the settings' memory budget, or None for the whole image."""
+        plan = plan_memory(height, width, batch, channels, s, self.dtype(s), self.device)
+        if plan.tile is None:
+            return None
+        return plan_tiles(height, width, plan.tile, s.content_layers + s.style_layers, field="tile")
+
+    def _run_level(self, x: Tensor, model: VGG19Features, s: Settings, c_target: Tensor,
+                   style_grams: dict[str, Tensor], memory: MemoryPlan, loop: tuple):
+        """Optimize one level from ``x``, tiled when ``memory`` says so; returns (x, stopped early, plan used).
+
+        On CUDA out-of-memory the level starts again with smaller tiles (its
+        records so far are dropped), down to the smallest core; the output is
+        never shrunk here.
+        """
+        level, iterations, _started, records = loop[:4]
+        start, done, counted = x.detach(), [len(r) for r in records], list(iterations)
+        h, w = x.shape[-2:]
+        while True:
+            tiles = None if memory.tile is None else plan_tiles(h, w, memory.tile, s.content_layers + s.style_layers,
+                                                                  field="tile")
+            try:
+                with torch.no_grad():
+                    if tiles is None:
+                        content_feats = run_features(model, c_target.expand(-1, 3, -1, -1), s.content_layers,
+                                                     self.dtype(s), self.channels_last)
+                    else:
+                        content_feats = tiled_features(model, c_target, s.content_layers, tiles, self.channels_last)
+                objective = Objective(model, s, content_feats, style_grams, self.dtype(s), self.channels_last,
+                                      self.fused, tiles=tiles)
+                x, early = self._optimize(start.clone().requires_grad_(True), objective, s, *loop,
+                                          history=memory.history)
+                return x, early, memory
+            except torch.OutOfMemoryError:
+                smaller = smaller_tile(memory, h, w)
+                if smaller is None:
+                    raise ResourceError(f"out of {self.device} memory at level {level} ({w}x{h} px) even with "
+                                        f"{memory.tile} px tiles; lower max_memory or size") from None
+                log.warning("out of %s memory at level %d (%dx%d px) with tiles of %s px; retrying with %d px",
+                            self.device, level, w, h, memory.tile or "(whole image)", smaller)
+                memory = dataclasses.replace(memory, tile=smaller)
+                for r, n in zip(records, done):
+                    del r[n:]
+                iterations[:] = counted
+                torch.cuda.empty_cache()
 
     @staticmethod
     def _check_sizes(contents, inits, s: Settings) -> list[tuple[int, int]]:
@@ -590,7 +661,7 @@ class Engine:
         return images.yiq_to_rgb(torch.cat([x, iq], dim=1))
 
     def _optimize(self, x, objective, s, level, iterations, started, records, callback, snapshot, content_rgb,
-                  cancel):
+                  cancel, *, history: int = LBFGS_HISTORY):
         """One level for a batch. Returns the final images (b, ...) and which stopped early.
 
         An image that converges is frozen at that iterate (its records stop)
@@ -642,7 +713,7 @@ class Engine:
             return out, [i in frozen for i in range(b)]
 
         if s.optimizer == "lbfgs":
-            opt = BatchedLBFGS(x, lr=s.step_size())
+            opt = BatchedLBFGS(x, lr=s.step_size(), history=history)
             opt.start(evaluate)
             record(step_taken=False)
             for _ in range(s.iterations):
@@ -667,6 +738,15 @@ class Engine:
             record(step_taken=i > 0)
             adam.step()
         return result()
+
+
+def peak_memory(device: torch.device) -> int | None:
+    """Peak bytes so far: CUDA memory allocated since the run began, or the process's peak RSS on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    if device.type == "cpu":
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    return None
 
 
 def _check_cancel(cancel: threading.Event | None, where: str) -> None:

@@ -37,6 +37,7 @@ untiled pass: once each), on a tile enlarged by its halo.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -200,10 +201,11 @@ def _layer_sizes(plan: TilePlan, layers: Sequence[str], channels: dict[str, int]
 
 
 def _tile_pass(model: VGG19Features, x: Tensor, tile: Tile, spec: LossSpec, gdiffs: dict[str, Tensor],
-               sizes: dict[str, int], channels_last: bool) -> tuple[Tensor, Tensor]:
+               sizes: dict[str, int], channels_last: bool, timings: dict[str, float]) -> tuple[Tensor, Tensor]:
     """Forward and backward of one tile; returns (weighted content loss (b,), the tile's input gradient)."""
     layers = sorted(set(spec.content) | set(spec.style), key=LAYER_INDEX.get)
     strides = _strides(layers)
+    started = time.perf_counter()
     leaf = _pixels(x, tile).detach().requires_grad_(True)
     with torch.enable_grad():
         feats = _features(model, leaf, layers, channels_last)
@@ -225,7 +227,11 @@ def _tile_pass(model: VGG19Features, x: Tensor, tile: Tile, spec: LossSpec, gdif
             core += m.view(core.shape[0], core.shape[2], core.shape[3], -1).permute(0, 3, 1, 2)  # into g
         outputs.append(f)
         grads.append(g.to(f.dtype))
+    backward_from = time.perf_counter()
     torch.autograd.backward(outputs, grads)
+    now = time.perf_counter()
+    timings["forward"] = timings.get("forward", 0.0) + backward_from - started
+    timings["backward"] = timings.get("backward", 0.0) + now - backward_from
     return content, leaf.grad
 
 
@@ -233,13 +239,16 @@ class _TiledLoss(torch.autograd.Function):
     """(image) -> (weighted content + style (b,), content (b,), style (b,)); the gradient is computed up front."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, model: VGG19Features, spec: LossSpec, plan: TilePlan, channels_last: bool):
+    def forward(ctx, x: Tensor, model: VGG19Features, spec: LossSpec, plan: TilePlan, channels_last: bool,
+                timings: dict[str, float]):
         b = x.shape[0]
         style = torch.zeros(b, dtype=torch.float32, device=x.device)
         gdiffs: dict[str, Tensor] = {}
         channels: dict[str, int] = {n: t.shape[1] for n, (t, _) in spec.content.items()}
         if spec.style:
+            started = time.perf_counter()
             grams = tiled_grams(model, x, list(spec.style), plan, channels_last)  # pass 1
+            timings["gram pass"] = timings.get("gram pass", 0.0) + time.perf_counter() - started
             for n, (target, weight) in spec.style.items():
                 g = grams[n]
                 c = g.shape[1]
@@ -253,7 +262,7 @@ class _TiledLoss(torch.autograd.Function):
         content = torch.zeros(b, dtype=torch.float32, device=x.device)
         grad = torch.zeros_like(x, dtype=torch.float32) if ctx.needs_input_grad[0] else None
         for tile in plan.tiles:  # pass 2
-            part, tile_grad = _tile_pass(model, x, tile, spec, gdiffs, sizes, channels_last)
+            part, tile_grad = _tile_pass(model, x, tile, spec, gdiffs, sizes, channels_last, timings)
             content += part
             if grad is not None:
                 _pixels(grad, tile).add_(tile_grad)
@@ -264,17 +273,19 @@ class _TiledLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total: Tensor, _grad_content, _grad_style):
         grad, ctx.grad = ctx.grad, None
-        return grad * grad_total.view(-1, *([1] * (grad.dim() - 1))), None, None, None, None
+        return grad * grad_total.view(-1, *([1] * (grad.dim() - 1))), None, None, None, None, None
 
 
-def tiled_feature_losses(x: Tensor, model: VGG19Features, spec: LossSpec, plan: TilePlan,
-                         channels_last: bool) -> tuple[Tensor, Tensor, Tensor]:
+def tiled_feature_losses(x: Tensor, model: VGG19Features, spec: LossSpec, plan: TilePlan, channels_last: bool,
+                         timings: dict[str, float] | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Weighted (content + style, content, style) per image of ``x`` (RGB or luminance in 0-1), tile by tile.
 
     Only the first is differentiable in ``x``: its gradient is computed during
     the call (a graph over every tile would hold the whole image's
     activations, which is what tiling avoids). Content targets in ``spec`` are
-    whole-image feature maps (see ``tiled_features``).
+    whole-image feature maps (see ``tiled_features``). ``timings``, when
+    given, accumulates seconds spent in the Gram pass, the tiles' forward
+    passes and their backward passes.
     """
-    return _TiledLoss.apply(x, model, spec, plan, channels_last)
+    return _TiledLoss.apply(x, model, spec, plan, channels_last, {} if timings is None else timings)
 

@@ -1,0 +1,149 @@
+"""How a level fits a memory budget: the whole image at once, or tiles, and how long an L-BFGS history.
+
+The estimate adds what a level holds at its peak:
+
+* the runtime and the network's weights (fixed);
+* image-sized vectors: the image, its gradient (twice, as L-BFGS keeps the
+  last one), the search direction and step, the content photo, total
+  variation's temporaries, and the content targets (relu4_2: 512 channels at
+  1/64 of the pixels, 32 bytes per pixel);
+* the L-BFGS history: two vectors per remembered step, 2 x 50 x 3 floats =
+  1.2 kB per pixel at the default 50 (200 MB per vector at 4096 x 4096);
+* one VGG pass with its backward: over the whole image, or over one tile's
+  core plus halo (``stylize.engine.tiled``; tiles run one after another).
+
+Per-pixel costs of the pass were measured on this project's CPU in float32
+with ``/usr/bin/time``-style peak RSS (see ``benchmarks/large.py``): the fused
+whole-image pass about 2.1 kB per pixel at 512 px, a tile's autograd pass
+about 3.5 kB per pixel of its outer box; the constants below round them up.
+bfloat16 halves the activations but not the float32 Grams and losses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from stylize.engine.features import LAYER_INDEX, CONV_NAMES, LAYERS
+from stylize.engine.settings import Settings
+from stylize.engine.tiled import halo_for, layer_geometry
+from stylize.errors import ResourceError
+
+#: Bytes per pixel of one VGG pass and its backward, by dtype: the whole image (fused pass) and a tile's
+#: outer box (autograd pass).
+WHOLE_PASS_BYTES = {torch.float32: 2400, torch.bfloat16: 1400}
+TILE_PASS_BYTES = {torch.float32: 3800, torch.bfloat16: 2300}
+#: Image-sized float32 vectors a level holds besides the history (see the module docstring).
+IMAGE_VECTORS = 10
+#: The Python process with torch loaded, on the CPU, before any tensor (peak RSS of an idle engine: 0.7 GB
+#: including the weights, which are counted separately).
+CPU_RUNTIME_BYTES = 500 * 2**20
+#: History lengths tried, longest first: 50 is the engine's default; 5 still gives L-BFGS its curvature.
+HISTORIES = (50, 20, 10, 5)
+#: Tile cores tried, largest first. Below 128 px the 80 px halo makes a tile mostly halo.
+CORES = (2048, 1536, 1024, 768, 640, 512, 384, 256, 192, 128)
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """What a level runs as: ``tile`` is the core size (None: the whole image at once)."""
+
+    tile: int | None
+    halo: int
+    history: int
+    estimate: int  # bytes at the peak
+    budget: int | None  # bytes; None when unknown (no limit applied)
+
+    def describe(self) -> dict:
+        """For metadata: what was used and why."""
+        return {"tile": self.tile, "halo": self.halo if self.tile else 0, "history": self.history,
+                "estimate_bytes": self.estimate, "budget_bytes": self.budget}
+
+
+def weight_bytes(settings: Settings, dtype: torch.dtype) -> int:
+    """Bytes of the convolution weights up to the deepest layer used."""
+    deepest = max(LAYER_INDEX[n] for n in settings.content_layers + settings.style_layers)
+    convs = sum(1 for name, kind in LAYERS[: deepest + 1] if kind == "conv")
+    channels = [3, 64, 64, 128, 128] + [256] * 4 + [512] * 8
+    params = sum(channels[i] * channels[i + 1] * 9 + channels[i + 1] for i in range(min(convs, len(CONV_NAMES))))
+    return params * torch.empty((), dtype=dtype).element_size()
+
+
+def device_budget(device: torch.device) -> int | None:
+    """The default budget: 90% of the device's free memory (CUDA) or of the available RAM (CPU)."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(0.9 * free)
+    if device.type == "cpu":
+        from stylize.engine.optimize import available_memory  # the one reader of /proc/meminfo
+
+        free = available_memory()
+        return None if free is None else int(0.9 * free)
+    return None
+
+
+def estimate(height: int, width: int, batch: int, channels: int, settings: Settings, dtype: torch.dtype,
+             device: torch.device, tile: int | None, history: int) -> int:
+    """Peak bytes of one level of ``batch`` images of ``height`` x ``width`` (see the module docstring)."""
+    pixels = height * width * batch
+    content = sum(_channels(n) * 4 / layer_geometry(n)[1] ** 2 for n in settings.content_layers)  # targets
+    per_pixel = IMAGE_VECTORS * channels * 4 + content + 2 * history * channels * 4
+    if tile is None:
+        pass_bytes = WHOLE_PASS_BYTES.get(dtype, WHOLE_PASS_BYTES[torch.float32]) * pixels
+    else:
+        halo, _ = halo_for(settings.content_layers + settings.style_layers)
+        outer = (min(height, tile + 2 * halo) * min(width, tile + 2 * halo)) * batch
+        pass_bytes = TILE_PASS_BYTES.get(dtype, TILE_PASS_BYTES[torch.float32]) * outer
+    fixed = weight_bytes(settings, dtype) + (CPU_RUNTIME_BYTES if device.type == "cpu" else 0)
+    return int(fixed + per_pixel * pixels + pass_bytes)
+
+
+def _channels(layer: str) -> int:
+    """Channels of a VGG19 layer's output."""
+    return (64, 128, 256, 512, 512)[int(layer[4]) - 1]  # conv4_2, relu4_2, pool4: block 4
+
+
+def plan_memory(height: int, width: int, batch: int, channels: int, settings: Settings, dtype: torch.dtype,
+                device: torch.device) -> MemoryPlan:
+    """The whole image with the longest history that fits, else tiles; ResourceError when nothing fits.
+
+    ``settings.tile`` forces tiles of that core; ``settings.max_memory``
+    (else the device's free memory) is the budget. The history is
+    shortened before the tiles shrink: tiles change the cost, not the
+    picture, while the history changes how fast L-BFGS converges.
+    """
+    budget = settings.memory_budget()
+    if budget is None:
+        budget = device_budget(device)
+    halo, _ = halo_for(settings.content_layers + settings.style_layers)
+    longest = max(height, width)
+    if settings.tile is not None:
+        cores: tuple[int | None, ...] = (settings.tile,)
+    else:
+        cores = (None,) + tuple(c for c in CORES if c < longest)
+    for core in cores:
+        for history in HISTORIES:
+            need = estimate(height, width, batch, channels, settings, dtype, device, core, history)
+            if budget is None or need <= budget:
+                return MemoryPlan(core, halo, history, need, budget)
+            if core is None and history == HISTORIES[1]:
+                break  # the whole image only with a useful history; otherwise tiles
+    smallest = cores[-1]
+    need = estimate(height, width, batch, channels, settings, dtype, device, smallest, HISTORIES[-1])
+    field = "max_memory" if settings.max_memory is not None else "max_memory (unset: the device's free memory)"
+    what = f"a {smallest} px tile" if smallest else "the whole image"
+    raise ResourceError(
+        f"{field}: a {width}x{height} px output needs at least {_gib(need)} ({what}, a {HISTORIES[-1]}-step "
+        f"L-BFGS history), found a budget of {_gib(budget)}; raise max_memory to {_gib(need)} or more"
+        + (", or lower tile" if settings.tile else "") + ", or lower size")
+
+
+def smaller_tile(plan: MemoryPlan, height: int, width: int) -> int | None:
+    """The next tile core below the plan's (the largest below the image for a whole-image plan), or None."""
+    below = plan.tile if plan.tile is not None else max(height, width)
+    return next((c for c in CORES if c < below), None)
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
