@@ -377,7 +377,9 @@ def finish(prepared: Prepared, result, storage: Storage, *, thumbnails: bool = T
         records=result.records,
     )
     meta["engine"] = {"precision": result.precision, "sizes": [list(s) for s in result.sizes],
-                      "stopped_early": result.stopped_early, "seconds": round(result.seconds, 3)}
+                      "stopped_early": result.stopped_early, "seconds": round(result.seconds, 3),
+                      # per level: tile core (None: whole image), halo, L-BFGS history, memory estimate and budget
+                      "levels": result.memory, "peak_memory_bytes": result.peak_memory}
     if prepared.retried_at_size is not None:
         meta["retried_at_size"] = prepared.retried_at_size  # settings.size did not fit the device
     if thumbs is not None:

@@ -43,6 +43,12 @@ log = logging.getLogger(__name__)
 
 #: Coarse levels below this longest side carry too little structure to help.
 MIN_LEVEL_SIZE = 64
+#: Prints: above this longest side the schedule adds coarse levels down to PRINT_BASE px and gives each
+#: level above it fewer iterations (``level_iterations``), so that a 4096 px print costs a few 1024 px
+#: runs rather than 16. Up to 1024 px the schedule is ``scales`` and ``iterations`` as given.
+PRINT_FROM = 1024
+PRINT_BASE = 512
+PRINT_MIN_ITERATIONS = 5
 #: L-BFGS history length. jcjohnson/neural-style and torch use 100; 50 halves
 #: the memory (2 * 50 image-sized vectors) with no visible difference here.
 LBFGS_HISTORY = 50
@@ -178,12 +184,33 @@ def max_batch(device: torch.device, pixels: int, dtype: torch.dtype, *, cap: int
     return max(1, min(cap, int(0.7 * free // per_image)))
 
 
+def print_scales(settings: Settings) -> int:
+    """Levels for ``settings.size``: ``scales``, or above PRINT_FROM enough that the coarsest is at most PRINT_BASE."""
+    if settings.size <= PRINT_FROM:
+        return settings.scales
+    return max(settings.scales, 1 + math.ceil(math.log2(settings.size / PRINT_BASE)))
+
+
+def level_iterations(longest: int, settings: Settings) -> int:
+    """Iterations of a level whose longest side is ``longest``: ``iterations``, fewer above PRINT_FROM.
+
+    A level above PRINT_FROM px gets ``iterations * (PRINT_FROM / longest) ** 2``
+    (at least PRINT_MIN_ITERATIONS), so each print level costs about what a
+    PRINT_FROM level does: the composition comes from the coarse levels, the
+    top levels add brush detail.
+    """
+    if longest <= PRINT_FROM or settings.iterations == 0:
+        return settings.iterations
+    return max(min(PRINT_MIN_ITERATIONS, settings.iterations), round(settings.iterations * (PRINT_FROM / longest) ** 2))
+
+
 def level_sizes(width: int, height: int, settings: Settings) -> list[tuple[int, int]]:
     """(w, h) for each coarse-to-fine level; each level is half the next, the last is ``size``."""
     sizes = []
-    for k in range(settings.scales):
-        longest = round(settings.size / 2 ** (settings.scales - 1 - k))
-        if k < settings.scales - 1 and longest < MIN_LEVEL_SIZE:
+    scales = print_scales(settings)
+    for k in range(scales):
+        longest = round(settings.size / 2 ** (scales - 1 - k))
+        if k < scales - 1 and longest < MIN_LEVEL_SIZE:
             continue
         sizes.append(images.fit_size(width, height, longest))
     return sizes
@@ -679,7 +706,7 @@ class Engine:
             return total
 
         def record(step_taken: bool) -> None:
-            _check_cancel(cancel, f"at iteration {max(iterations)} (scale {level}/{s.scales})")
+            _check_cancel(cancel, f"at iteration {max(iterations)} (scale {level}/{print_scales(s)})")
             # One device sync per evaluation for the whole batch.
             rows = torch.stack([parts["total"], parts["content"], parts["style"], parts["tv"]], 1).tolist()
             now = time.perf_counter() - started
@@ -691,7 +718,7 @@ class Engine:
                 total, content, style, tv = rows[i]
                 if not all(math.isfinite(v) for v in rows[i]):
                     raise OptimizationError(
-                        f"loss became {total} at iteration {iterations[i]} (scale {level}/{s.scales}); "
+                        f"loss became {total} at iteration {iterations[i]} (scale {level}/{print_scales(s)}); "
                         "lower learning_rate or the loss weights"
                     )
                 rec = Record(iterations[i], level, total, content, style, tv, now)
@@ -716,7 +743,7 @@ class Engine:
             opt = BatchedLBFGS(x, lr=s.step_size(), history=history)
             opt.start(evaluate)
             record(step_taken=False)
-            for _ in range(s.iterations):
+            for _ in range(level_iterations(max(x.shape[-2:]), s)):
                 if not any(active):
                     break
                 opt.step(evaluate)
@@ -727,9 +754,10 @@ class Engine:
         # first evaluation of each step records the previous step's result
         # and a final no-grad pass records the last one.
         adam = torch.optim.Adam([x], lr=s.step_size())
-        for i in range(s.iterations + 1):
+        steps = level_iterations(max(x.shape[-2:]), s)
+        for i in range(steps + 1):
             adam.zero_grad(set_to_none=True)
-            if i == s.iterations or not any(active):
+            if i == steps or not any(active):
                 with torch.no_grad():
                     evaluate()
                 record(step_taken=i > 0)

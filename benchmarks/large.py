@@ -1,0 +1,238 @@
+"""Print-size figures: tiled against whole-image optimization, memory budgets, and the print schedule.
+
+Run from the repository root (each measurement is its own subprocess, so peak RSS is per run):
+
+    .venv/bin/python benchmarks/large.py                  # every part; the 4096 px row last (~30 min on 2 cores)
+    .venv/bin/python benchmarks/large.py --skip-4096      # without the 4096 px row
+    .venv/bin/python benchmarks/large.py --quick          # 256/512 px smoke test of every part
+
+Parts, in one run:
+
+1. 1024 px, float32, one level, ``--iterations`` L-BFGS steps: the whole image against ``--tile 512``:
+   seconds per iteration (mean over iterations after the first evaluation, from ``Record.seconds``) and
+   peak RSS; then where a tiled evaluation's time goes (the Gram pass, the tiles' forward and backward
+   passes, measured by ``stylize.engine.tiled``) and how much of each tile is halo.
+2. 2048 and 4096 px with ``--max-memory 6GiB``: the plan the engine chose (tile, history), peak RSS
+   against the budget (target: within +10%), seconds per iteration and per megapixel-iteration against
+   the whole-image 1024 px row (target: at most 2x). 4096 px runs ``--top-iterations`` (1) step.
+3. The default print schedule to 2048 px (levels 512, 1024, 2048, fewer iterations at the top; 6GiB)
+   against a default 512 px run, both with ``--schedule-iterations``; then the 2048 px output, downscaled
+   to 512, judged against the 512 px output (``Engine.judge``: content and style losses, target: within
+   15% of each other).
+
+Every row prints the 1-minute load average: the machine is shared, and a load above 2 means the times
+are pessimistic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CONTENT = ROOT / "tests" / "data" / "chelsea.png"
+STYLE = ROOT / "tests" / "data" / "starry_night.jpg"
+
+
+def child_run(spec: dict) -> dict:
+    """One Engine.run in this process; prints a JSON line."""
+    from PIL import Image
+
+    from stylize.engine.optimize import Engine
+    from stylize.engine.settings import Settings
+
+    content = Image.open(spec["content"]).convert("RGB")
+    style = Image.open(spec["style"]).convert("RGB")
+    s = Settings(**spec["settings"])
+    result = Engine("cpu").run(content, [style], s)
+    if spec.get("output"):
+        result.image.save(spec["output"])
+    top = [r for r in result.records if r.scale == len(result.sizes)]
+    steps = len(top) - 1
+    per_iteration = (top[-1].seconds - top[0].seconds) / steps if steps > 0 else None
+    return {"seconds": result.seconds, "per_iteration": per_iteration, "levels": result.memory,
+            "sizes": result.sizes}
+
+
+def child_breakdown(spec: dict) -> dict:
+    """Where a tiled evaluation's time goes: ``repeats`` evaluations of the tiled objective at ``size``."""
+    import torch
+
+    from stylize.engine import images
+    from stylize.engine.optimize import Engine, Objective, run_features
+    from stylize.engine.losses import gram
+    from stylize.engine.settings import Settings
+    from stylize.engine.tiled import plan_tiles
+    from PIL import Image
+
+    s = Settings(precision="float32")
+    engine = Engine("cpu")
+    model = engine.features(s)
+    photo = Image.open(spec["content"]).convert("RGB")
+    w, h = images.fit_size(*photo.size, spec["size"])
+    x = images.to_tensor(images.resize(photo, (w, h)))
+    plan = plan_tiles(h, w, spec["tile"], s.content_layers + s.style_layers)
+    style = images.to_tensor(images.resize(Image.open(spec["style"]).convert("RGB"), (w, h)))
+    with torch.no_grad():
+        grams = {n: gram(f) for n, f in run_features(model, style, s.style_layers, torch.float32, True).items()}
+        feats = run_features(model, x, s.content_layers, torch.float32, True)
+    objective = Objective(model, s, feats, grams, torch.float32, True, tiles=plan)
+    xs = (x + 0.05).clamp(0, 1).requires_grad_(True)
+    objective(xs)[0].sum().backward()  # warm-up: oneDNN builds its kernels per tile shape
+    objective.timings.clear()
+    started = time.perf_counter()
+    for _ in range(spec["repeats"]):
+        xs.grad = None
+        objective(xs)[0].sum().backward()
+    total = (time.perf_counter() - started) / spec["repeats"]
+    parts = {k: v / spec["repeats"] for k, v in objective.timings.items()}
+    outer = sum((t.outer[1] - t.outer[0]) * (t.outer[3] - t.outer[2]) for t in plan.tiles)
+    return {"total": total, "parts": parts, "tiles": len(plan.tiles), "halo_share": 1 - h * w / outer}
+
+
+def child_judge(spec: dict) -> dict:
+    """Judge the print (downscaled) and the preview against the same photo and style at 512 px."""
+    from PIL import Image
+
+    from stylize.engine.optimize import Engine
+    from stylize.engine.settings import Settings
+
+    engine = Engine("cpu")
+    content = Image.open(spec["content"]).convert("RGB")
+    style = Image.open(spec["style"]).convert("RGB")
+    s = Settings()
+    return {name: engine.judge(Image.open(path).convert("RGB"), content, [style], s, size=512)
+            for name, path in spec["images"].items()}
+
+
+def run_child(kind: str, spec: dict) -> dict:
+    """Run a child measurement; returns its JSON plus peak RSS (MiB) and the load average."""
+    cmd = [sys.executable, __file__, "--child", kind, json.dumps(spec)]
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+        _, status, usage = os.wait4(proc.pid, 0)
+        out.seek(0)
+        err.seek(0)
+        if status != 0:
+            raise SystemExit(f"{kind} {spec} failed:\n{err.read().decode()[-3000:]}")
+        data = json.loads(out.read().decode().strip().splitlines()[-1])
+    data["peak_rss_mib"] = usage.ru_maxrss / 1024
+    data["load"] = os.getloadavg()[0]
+    return data
+
+
+def settings(size: int, iterations: int, **extra) -> dict:
+    return dict(size=size, iterations=iterations, scales=1, tolerance=0, precision="float32",
+                max_pixels=max(4096 * 4096, size * size), **extra)
+
+
+def say(line: str) -> None:
+    print(line, flush=True)
+
+
+def describe(row: dict) -> str:
+    top = row["levels"][-1]
+    tiles = f"tile {top['tile']} + halo {top['halo']}" if top["tile"] else "whole image"
+    return f"{tiles}, history {top['history']}"
+
+
+def part_tiling(args) -> dict:
+    size, tile = args.base, args.base // 2
+    say(f"\n== 1. {size} px: whole image against --tile {tile} ({args.iterations} iterations, float32)")
+    whole = run_child("run", {"content": str(CONTENT), "style": str(STYLE), "settings": settings(size, args.iterations)})
+    tiled = run_child("run", {"content": str(CONTENT), "style": str(STYLE),
+                              "settings": settings(size, args.iterations, tile=tile)})
+    for name, row in (("whole image", whole), (f"tile {tile}", tiled)):
+        say(f"  {name:<12} {row['per_iteration']:7.2f} s/iteration   peak RSS {row['peak_rss_mib']:7.0f} MiB   "
+            f"[{describe(row)}; load {row['load']:.1f}]")
+    ratio = tiled["per_iteration"] / whole["per_iteration"]
+    say(f"  tiled / whole: {ratio:.2f}x time per iteration (target <= 2x: {'met' if ratio <= 2 else 'NOT met'})")
+    parts = run_child("breakdown", {"content": str(CONTENT), "style": str(STYLE), "size": size, "tile": tile,
+                                    "repeats": 2})
+    shown = ", ".join(f"{k} {v:.1f} s ({v / parts['total']:.0%})" for k, v in parts["parts"].items())
+    say(f"  one tiled evaluation: {parts['total']:.1f} s = {shown}; {parts['tiles']} tiles, "
+        f"{parts['halo_share']:.0%} of the pixels run are halo [load {parts['load']:.1f}]")
+    return whole
+
+
+def part_budget(args, whole: dict, size: int, iterations: int) -> None:
+    row = run_child("run", {"content": str(CONTENT), "style": str(STYLE),
+                            "settings": settings(size, iterations, max_memory=args.budget)})
+    w, h = row["sizes"][-1]
+    bw, bh = whole["sizes"][-1]
+    per_mp = row["per_iteration"] / (w * h / 1e6)
+    base_mp = whole["per_iteration"] / (bw * bh / 1e6)
+    budget_mib = row["levels"][-1]["budget_bytes"] / 2**20
+    over = row["peak_rss_mib"] / budget_mib
+    say(f"  {w}x{h}: {row['per_iteration']:.1f} s/iteration, {per_mp:.2f} s per MP-iteration "
+        f"({per_mp / base_mp:.2f}x the whole-image {max(bw, bh)} px row; target <= 2x: "
+        f"{'met' if per_mp <= 2 * base_mp else 'NOT met'}); peak RSS {row['peak_rss_mib']:.0f} MiB = "
+        f"{over:.0%} of the budget (target <= 110%: {'met' if over <= 1.1 else 'NOT met'}); "
+        f"{describe(row)}; {row['seconds']:.0f} s in all [load {row['load']:.1f}]")
+
+
+def part_schedule(args, workdir: Path) -> None:
+    n = args.schedule_iterations
+    top = args.print_size
+    say(f"\n== 3. print schedule to {top} px against a {top // 4} px run ({n} iterations, --max-memory "
+        f"{args.budget}, default levels and early stopping)")
+    paths = {"print": str(workdir / "print.png"), "preview": str(workdir / "preview.png")}
+    base = dict(iterations=n, precision="float32", max_memory=args.budget)
+    preview = run_child("run", {"content": str(CONTENT), "style": str(STYLE), "output": paths["preview"],
+                                "settings": dict(base, size=top // 4)})
+    printed = run_child("run", {"content": str(CONTENT), "style": str(STYLE), "output": paths["print"],
+                                "settings": dict(base, size=top)})
+    for name, row in (("preview", preview), ("print", printed)):
+        levels = ", ".join(f"{max(lv['size'])}" + (f" (tile {lv['tile']})" if lv["tile"] else "")
+                           for lv in row["levels"])
+        say(f"  {name:<8} {row['seconds']:7.0f} s   levels {levels}   peak RSS {row['peak_rss_mib']:.0f} MiB "
+            f"[load {row['load']:.1f}]")
+    say(f"  print / preview time: {printed['seconds'] / preview['seconds']:.1f}x")
+    judged = run_child("judge", {"content": str(CONTENT), "style": str(STYLE), "images": paths})
+    for loss in ("content", "style"):
+        a, b = judged["print"][loss], judged["preview"][loss]
+        diff = abs(a - b) / max(a, b)
+        say(f"  judged at 512 px, {loss}: print {a:.4g}, preview {b:.4g}: {diff:.0%} apart "
+            f"(target <= 15%: {'met' if diff <= 0.15 else 'NOT met'})")
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        kind, spec = sys.argv[2], json.loads(sys.argv[3])
+        result = {"run": child_run, "breakdown": child_breakdown, "judge": child_judge}[kind](spec)
+        print(json.dumps(result))
+        return
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes: a smoke test of every part")
+    parser.add_argument("--skip-4096", action="store_true", help="leave out the 4096 px row")
+    parser.add_argument("--parts", default="123", help="which parts to run, e.g. 13")
+    parser.add_argument("--iterations", type=int, default=4)
+    parser.add_argument("--top-iterations", type=int, default=1, help="L-BFGS steps at 4096 px")
+    parser.add_argument("--schedule-iterations", type=int, default=20)
+    parser.add_argument("--budget", default="6GiB")
+    args = parser.parse_args()
+    args.base, args.print_size, sizes = (256, 512, [512]) if args.quick else (1024, 2048, [2048, 4096])
+    if args.skip_4096:
+        sizes = [s for s in sizes if s != 4096]
+    if args.quick:
+        args.budget = "1.2GiB"
+    say(f"benchmarks/large.py on {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}, {time.strftime('%Y-%m-%d %H:%M')}")
+    whole = part_tiling(args) if "1" in args.parts else run_child(
+        "run", {"content": str(CONTENT), "style": str(STYLE), "settings": settings(args.base, args.iterations)})
+    with tempfile.TemporaryDirectory() as tmp:
+        if "3" in args.parts:
+            part_schedule(args, Path(tmp))
+    if "2" in args.parts:
+        say(f"\n== 2. print sizes with --max-memory {args.budget} (float32, one level)")
+        for size in sizes:
+            part_budget(args, whole, size, args.top_iterations if size >= 4096 else 2)
+
+
+if __name__ == "__main__":
+    main()

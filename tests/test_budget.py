@@ -1,0 +1,63 @@
+"""Memory plans (whole image or tiles, history length) and the print schedule."""
+
+import pytest
+import torch
+
+from stylize.engine.budget import estimate, plan_memory, smaller_tile
+from stylize.engine.optimize import level_iterations, level_sizes
+from stylize.engine.settings import Settings, parse_size
+from stylize.errors import ResourceError
+
+CPU = torch.device("cpu")
+
+
+def plan(size, **kw):
+    s = Settings(size=size, max_pixels=max(size * size, 256), **kw)
+    return plan_memory(size, size, 1, 3, s, torch.float32, CPU)
+
+
+def test_whole_image_when_it_fits_tiles_when_not():
+    assert plan(512, max_memory="6GiB").tile is None
+    p = plan(4096, max_memory="6GiB")
+    assert p.tile is not None and p.estimate <= 6 * 2**30
+    assert p.history < 50  # 50 image-sized steps at 4096 px alone are 20 GB
+    # A larger budget buys larger tiles and a longer history, never less.
+    q = plan(4096, max_memory="12GiB")
+    assert q.tile >= p.tile and q.history >= p.history
+
+
+def test_forced_tile_and_refusals():
+    assert plan(1024, tile=256).tile == 256
+    with pytest.raises(ResourceError, match=r"max_memory: a 8192x8192 px output needs at least .* GiB"):
+        plan(8192, max_memory="6GiB")
+    assert smaller_tile(plan(1024, tile=256), 1024, 1024) == 192
+
+
+def test_estimate_grows_with_pixels_and_history():
+    s = Settings()
+    small = estimate(512, 512, 1, 3, s, torch.float32, CPU, None, 50)
+    assert estimate(1024, 1024, 1, 3, s, torch.float32, CPU, None, 50) > 2.5 * small  # plus a fixed runtime
+    assert estimate(512, 512, 1, 3, s, torch.float32, CPU, None, 5) < small
+
+
+@pytest.mark.parametrize("text, expected", [("6GiB", 6 * 2**30), ("500MB", 500 * 10**6), ("2g", 2 * 2**30),
+                                            ("1048576", 2**20), ("1.5 GiB", 3 * 2**29)])
+def test_parse_size(text, expected):
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "lots", "-1GB", "0", "6 parsecs"])
+def test_bad_sizes_name_the_field(text):
+    with pytest.raises(ValueError, match="max_memory"):
+        Settings(max_memory=text)
+
+
+def test_print_schedule():
+    # Up to 1024 px nothing changes: scales levels, the same iterations each.
+    assert [max(wh) for wh in level_sizes(1000, 800, Settings(size=1024))] == [512, 1024]
+    assert level_iterations(1024, Settings(iterations=300)) == 300
+    # A print starts at 512 px and spends fewer iterations on the expensive levels.
+    s = Settings(size=4096, iterations=400)
+    assert [max(wh) for wh in level_sizes(4000, 3000, s)] == [512, 1024, 2048, 4096]
+    assert [level_iterations(n, s) for n in (512, 1024, 2048, 4096)] == [400, 400, 100, 25]
+    assert level_iterations(4096, Settings(iterations=20)) == 5
