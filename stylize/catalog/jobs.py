@@ -229,7 +229,8 @@ class JobRunner:
         """Optimize jobs that share a ``batch_key`` in one batch; one Result per job.
 
         When the device runs out of memory (``torch.OutOfMemoryError``, CUDA) the
-        batch is retried once at ``OOM_RETRY_SCALE`` times the size, recorded as
+        batch fails, unless ``settings.shrink_on_oom`` opts in to one retry at
+        ``OOM_RETRY_SCALE`` times the size, recorded as
         ``Prepared.retried_at_size``; if that does not fit either, ResourceError
         names both sizes. (On the CPU ``settings.max_pixels`` refuses oversized
         jobs before they start.)
@@ -260,6 +261,11 @@ class JobRunner:
         except torch.OutOfMemoryError:
             pass  # retried below: inside this block the traceback still holds the failed attempt's tensors
         smaller = max(16, round(settings.size * OOM_RETRY_SCALE))
+        if not settings.shrink_on_oom:
+            self._release_memory()
+            raise ResourceError(
+                f"out of {self.device} memory at size {settings.size}, even with the smallest tiles; lower "
+                f"max_memory or size, or set shrink_on_oom: true to retry once at size {smaller} (recorded)")
         names = ", ".join(p.job.name for p in batch)
         log.warning("%s: out of %s memory at size %d; retrying once at size %d", names, self.device,
                     settings.size, smaller)

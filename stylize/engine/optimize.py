@@ -30,7 +30,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from stylize.engine import images
-from stylize.errors import Cancelled, ConfigError, InputError, OptimizationError, ResourceError
+from stylize.errors import Cancelled, ConfigError, InputError, OptimizationError
 from stylize.engine.features import LAYER_INDEX, VGG19Features, min_side, resolve_weights
 from stylize.engine.fused import LossSpec, feature_losses
 from stylize.engine.losses import ContentLoss, StyleLoss, TVLoss, gram
@@ -608,8 +608,8 @@ class Engine:
         """Optimize one level from ``x``, tiled when ``memory`` says so; returns (x, stopped early, plan used).
 
         On CUDA out-of-memory the level starts again with smaller tiles (its
-        records so far are dropped), down to the smallest core; the output is
-        never shrunk here.
+        records so far are dropped), down to the smallest core; then the
+        out-of-memory error goes to the caller. The output is never shrunk here.
         """
         level, iterations, _started, records = loop[:4]
         start, done, counted = x.detach(), [len(r) for r in records], list(iterations)
@@ -632,8 +632,7 @@ class Engine:
             except torch.OutOfMemoryError:
                 smaller = smaller_tile(memory, h, w)
                 if smaller is None:
-                    raise ResourceError(f"out of {self.device} memory at level {level} ({w}x{h} px) even with "
-                                        f"{memory.tile} px tiles; lower max_memory or size") from None
+                    raise  # the caller decides: fail, or shrink the output if the settings opt in
                 log.warning("out of %s memory at level %d (%dx%d px) with tiles of %s px; retrying with %d px",
                             self.device, level, w, h, memory.tile or "(whole image)", smaller)
                 memory = dataclasses.replace(memory, tile=smaller)

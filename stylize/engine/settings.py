@@ -139,6 +139,10 @@ class Settings(BaseModel):
         "An output whose whole-image pass does not fit is optimized in tiles with exact global style "
         "statistics (the same picture, a little slower), and the L-BFGS history is shortened to fit; a "
         "budget below one tile is refused before any work."))
+    shrink_on_oom: bool = Field(False, description=(
+        "Retry a job that runs out of device memory once at 0.7x the size, recorded as retried_at_size. "
+        "Off by default: an output silently smaller than asked is not what a print needs; the engine first "
+        "retries with smaller tiles, which keeps the size."))
     tile: int | None = Field(None, ge=16, json_schema_extra={"metavar": "PX"}, description=(
         "Force tiled optimization with tile cores of this many pixels (a multiple of 16); unset decides from "
         "max_memory. Each tile also computes a halo of 80 px around its core for the default layers, so "

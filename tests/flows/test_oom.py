@@ -47,7 +47,7 @@ def catalog(tmp_path):
     manifest.write_text("""
 version: 1
 output: out
-defaults: {size: 32, iterations: 2, scales: 1, precision: float32}
+defaults: {size: 32, iterations: 2, scales: 1, precision: float32, shrink_on_oom: true}
 pairs:
   - {content: cat.png, style: starry.jpg, settings: {size: 40}}
   - {content: astronaut.png, style: starry.jpg, settings: {size: 64}}
@@ -65,6 +65,17 @@ def test_out_of_memory_retries_once_at_a_smaller_size(catalog):
     meta = json.loads(Path(cat.metadata_uri).read_text())
     assert meta["retried_at_size"] == 28 and meta["settings"]["size"] == 40
     assert meta["engine"]["sizes"] == [[28, 19]]
+
+
+def test_out_of_memory_without_the_opt_in_fails_and_never_shrinks(catalog):
+    catalog.write_text(catalog.read_text().replace(", shrink_on_oom: true", ""))
+    runner = JobRunner("cpu")
+    runner.engine = SmallDevice(fits=30)
+    cat = next(load_manifest(str(catalog)).jobs(Storage()))
+    outcome = runner.run(cat, Storage())
+    assert outcome.status == "failed" and runner.engine.sizes == [40]
+    assert "out of cpu memory at size 40" in outcome.error and "shrink_on_oom: true" in outcome.error
+    assert not Path(cat.image_uri).exists() and not Path(cat.metadata_uri).exists()
 
 
 def test_out_of_memory_twice_fails_the_job_saying_what_would_fit(catalog):
