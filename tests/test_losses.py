@@ -1,8 +1,9 @@
 """Each loss against a hand computation on small tensors."""
 
+import pytest
 import torch
 
-from stylize.engine.losses import ContentLoss, StyleLoss, TVLoss, gram
+from stylize.engine.losses import ContentLoss, StyleLoss, TVLoss, Valid, gram
 
 
 def test_gram_of_known_matrix():
@@ -58,3 +59,47 @@ def test_gram_gradient_matches_autograd():
     ref = torch.bmm(x.transpose(1, 2), x) / (5 * 12)
     (ref * w).sum().backward()
     torch.testing.assert_close(ours, f.grad)
+
+
+def _pad(t: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Pad (b, c, h', w') at the bottom and right to (h, w) with noise: masked losses must not see it."""
+    out = torch.rand(t.shape[0], t.shape[1], h, w)
+    out[..., :t.shape[-2], :t.shape[-1]] = t
+    return out
+
+
+def test_valid_mask_and_halving():
+    v = Valid(((3, 5), (2, 2)))
+    m = v.mask(torch.zeros(2, 4, 4, 6))
+    assert m.shape == (2, 1, 4, 6)
+    assert m[0].sum() == 15 and m[1].sum() == 4 and m[0, 0, 2, 4] == 1 and m[0, 0, 3, 0] == 0
+    assert v.halved().sizes == ((1, 2), (1, 1))  # floors, as 2x2 pooling does
+    assert v.at_stride(2) == v.halved() and v.at_stride(4).sizes == ((0, 1), (0, 0))
+    assert v.counts().tolist() == [15.0, 4.0]
+
+
+def test_masked_losses_equal_each_image_alone():
+    """Gram, content and TV of a padded batch count each image's own positions only."""
+    a, b = torch.rand(1, 4, 5, 7), torch.rand(1, 4, 3, 6)
+    batch = torch.cat([_pad(a, 5, 7), _pad(b, 5, 7)])
+    valid = Valid(((5, 7), (3, 6)))
+    grams = gram(batch, valid)
+    torch.testing.assert_close(grams[0], gram(a)[0])
+    torch.testing.assert_close(grams[1], gram(b)[0])
+    target = torch.cat([_pad(torch.rand(1, 4, 5, 7), 5, 7), _pad(torch.rand(1, 4, 3, 6), 5, 7)])
+    content = ContentLoss(target)(batch, valid)
+    assert content[0] == pytest.approx(ContentLoss(target[:1])(a).item(), rel=1e-6)
+    assert content[1] == pytest.approx(ContentLoss(target[1:, :, :3, :6])(b).item(), rel=1e-6)
+    style = StyleLoss(gram(a))(batch, valid)
+    assert style[0] == pytest.approx(0.0, abs=1e-12)
+    assert style[1] == pytest.approx(StyleLoss(gram(a))(b).item(), rel=1e-6)
+    tv = TVLoss()(batch, valid)
+    assert tv[0] == pytest.approx(TVLoss()(a).item(), rel=1e-6)
+    assert tv[1] == pytest.approx(TVLoss()(b).item(), rel=1e-6)
+
+
+def test_masked_tv_gradient_stays_inside():
+    x = _pad(torch.rand(1, 3, 4, 5), 6, 8).requires_grad_(True)
+    TVLoss()(x, Valid(((4, 5),))).sum().backward()
+    assert x.grad[..., 4:, :].abs().sum() == 0 and x.grad[..., :, 5:].abs().sum() == 0
+    assert x.grad[..., :4, :5].abs().sum() > 0

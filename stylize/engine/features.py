@@ -31,6 +31,7 @@ from typing import Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
+from stylize.engine.losses import Valid
 from stylize.errors import ConfigError, WeightsError
 
 # (name, kind) in torchvision's ``vgg19().features`` order; kind is conv/relu/pool.
@@ -273,7 +274,10 @@ class VGG19Features(nn.Module):
         self.eval()
         self.requires_grad_(False)
 
-    def forward(self, rgb: Tensor, layers: Sequence[str]) -> dict[str, Tensor]:
+    def forward(self, rgb: Tensor, layers: Sequence[str], valid: Valid | None = None) -> dict[str, Tensor]:
+        """``valid``: a padded batch's valid regions (``losses.Valid``). The preprocessed image and every
+        ReLU and pooling output are zeroed outside them, so every convolution sees at an image's border
+        the zeros it sees alone; conv outputs are returned unmasked (the losses mask them)."""
         wanted = set(check_layers(layers))
         deepest = max(LAYER_INDEX[n] for n in wanted)
         if deepest >= len(self.layers):
@@ -283,6 +287,8 @@ class VGG19Features(nn.Module):
         # Preprocess in float32 (the Caffe mean needs more than bf16's 8 bits),
         # then run the stack in the weights' dtype.
         x = self.preprocess(rgb.float()).to(self.layers[0].weight.dtype)
+        if valid is not None:
+            x = x * valid.mask(x)
         out: dict[str, Tensor] = {}
         for i in range(deepest + 1):
             if isinstance(self.layers[i], nn.ReLU) and self.names[i - 1] not in wanted:
@@ -291,6 +297,10 @@ class VGG19Features(nn.Module):
                 x = torch.relu_(x)
             else:
                 x = self.layers[i](x)
+            if valid is not None and not isinstance(self.layers[i], nn.Conv2d):
+                if not isinstance(self.layers[i], nn.ReLU):
+                    valid = valid.halved()
+                x = x * valid.mask(x)  # not in place: autograd keeps the ReLU's output
             if self.names[i] in wanted:
                 out[self.names[i]] = x
         return out

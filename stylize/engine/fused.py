@@ -18,6 +18,12 @@ but the convolutions is bound by memory bandwidth:
   not kept.
 * No autograd graph is recorded for the VGG pass.
 
+A padded batch (``losses.Valid``, photos of different shapes padded to one
+size) zeroes the preprocessed image and every ReLU and pooling output outside
+each image's valid region, as ``VGG19Features`` does, and its backward
+applies the same masks to the gradient (a ReLU's mask already does: its saved
+output is zero there). The losses count valid positions only.
+
 The losses and their normalization are exactly those of ``stylize.engine.losses``;
 ``tests/test_fused.py`` checks values and gradients against the autograd
 reference.
@@ -31,6 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from stylize.engine.features import LAYER_INDEX, VGG19Features
+from stylize.engine.losses import Valid
 
 
 @dataclass(frozen=True)
@@ -63,7 +70,7 @@ class _FeatureLoss(torch.autograd.Function):
     """(preprocessed image) -> (weighted content loss (b,), weighted style loss (b,))."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, model: VGG19Features, spec: LossSpec, channels_last: bool):
+    def forward(ctx, x: Tensor, model: VGG19Features, spec: LossSpec, channels_last: bool, valid: Valid | None):
         keep = ctx.needs_input_grad[0]
         wanted = set(spec.content) | set(spec.style)
         deepest = max(LAYER_INDEX[n] for n in wanted)
@@ -71,6 +78,11 @@ class _FeatureLoss(torch.autograd.Function):
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         b = x.shape[0]
+        # Masks the backward applies to the gradient of a layer's output (-1: the input); see _masked.
+        masks: dict[int, Tensor] = {}
+        if valid is not None:
+            x = x * valid.mask(x)
+            masks[-1] = valid.mask(x)
         content = torch.zeros(b, dtype=torch.float32, device=x.device)
         style = torch.zeros(b, dtype=torch.float32, device=x.device)
         # Per layer, what its backward needs, (kind, tensor, indices): the conv's
@@ -96,31 +108,27 @@ class _FeatureLoss(torch.autograd.Function):
             else:
                 saved.append(("avg", x, None))
                 x = layer(x)
+            if valid is not None and not isinstance(layer, nn.Conv2d):
+                valid = valid if isinstance(layer, nn.ReLU) else valid.halved()
+                x.mul_(valid.mask(x))  # a ReLU's saved output too: its backward then masks the gradient
+                if not isinstance(layer, nn.ReLU):
+                    masks[i] = valid.mask(x)
             shapes.append((x.shape, x.dtype))
+            # Conv outputs are not masked in the stack (the ReLU above does it): mask them for the losses.
+            mask = None if valid is None or not isinstance(layer, nn.Conv2d) else valid.mask(x)
+            counts = None if valid is None else valid.counts(x.device)  # (b,) valid positions
             if name in spec.content:
-                target, weight = spec.content[name]
-                diff = x.float() - target  # (b, c, h, w)
-                content += weight * diff.pow(2).flatten(1).mean(1)
-                # d/dF of weight * mean((F - P)^2) = (F - P) * 2 * weight / (c h w)
-                content_diff[i] = (diff, 2 * weight / diff[0].numel())
+                content += _content_loss(x, spec.content[name], mask, counts, content_diff, i)
             if name in spec.style:
-                target, weight = spec.style[name]
-                _, c, h, w = x.shape
-                n = c * h * w
-                rows = _rows(x)  # (b, hw, c): a view of a channels-last x
-                r32 = rows.float()  # Grams in float32 (a copy only for bf16)
-                gdiff = torch.bmm(r32.transpose(1, 2), r32).div_(n).sub_(target)  # G - A, symmetric
-                style += weight * gdiff.pow(2).flatten(1).mean(1)
-                # d/dX of weight * mean((X^T X / n - A)^2) = X (G - A) * 4 * weight / (c^2 n)
-                style_diff[i] = (rows, gdiff, 4 * weight / (c * c * n))
+                style += _style_loss(x, spec.style[name], mask, counts, style_diff, i)
         if keep:
             ctx.layers = model.layers
-            ctx.state = (saved, shapes, content_diff, style_diff, deepest)
+            ctx.state = (saved, shapes, content_diff, style_diff, deepest, masks)
         return content, style
 
     @staticmethod
     def backward(ctx, grad_content: Tensor, grad_style: Tensor):
-        saved, shapes, content_diff, style_diff, deepest = ctx.state
+        saved, shapes, content_diff, style_diff, deepest, masks = ctx.state
         ctx.state = None  # activations are dropped as the walk goes down
         g: Tensor | None = None
         for i in range(deepest, -1, -1):
@@ -144,6 +152,8 @@ class _FeatureLoss(torch.autograd.Function):
                 g = part.to(out_dtype) if g is None else g.add_(part.to(g.dtype))
             if g is None:
                 continue
+            if i in masks:  # a pooling output zeroed outside the valid region: so is its gradient
+                g = g * masks[i]
             layer = ctx.layers[i]
             if kind == "relu":
                 g = torch.ops.aten.threshold_backward.grad_input(g, tensor, 0.0, grad_input=g)
@@ -158,9 +168,47 @@ class _FeatureLoss(torch.autograd.Function):
                                                                     False, indices)
             else:
                 g = torch.ops.aten.avg_pool2d_backward(g, tensor, [2, 2], [2, 2], [0, 0], False, True, None)
-        return g.float(), None, None, None
+        if -1 in masks:
+            g = g * masks[-1]
+        return g.float(), None, None, None, None
 
 
-def feature_losses(x: Tensor, model: VGG19Features, spec: LossSpec, channels_last: bool) -> tuple[Tensor, Tensor]:
-    """Weighted content and style losses per image of the preprocessed batch ``x``, differentiable in ``x``."""
-    return _FeatureLoss.apply(x, model, spec, channels_last)
+def _content_loss(x: Tensor, target_weight: tuple[Tensor, float], mask: Tensor | None, counts: Tensor | None,
+                  content_diff: dict, i: int) -> Tensor:
+    """Weighted ``mean((F - P)^2)`` per image (over valid positions when ``counts``); keeps its gradient's
+    ingredients in ``content_diff[i]``."""
+    target, weight = target_weight
+    diff = x.float() - target  # (b, c, h, w)
+    if mask is not None:
+        diff.mul_(mask)
+    n = diff[0].numel() if counts is None else diff.shape[1] * counts  # c h w, or (b,) c h_i w_i
+    # d/dF of weight * mean((F - P)^2) = (F - P) * 2 * weight / (c h w)
+    content_diff[i] = (diff, 2 * weight / n)
+    if counts is None:
+        return weight * diff.pow(2).flatten(1).mean(1)
+    return weight * diff.pow(2).flatten(1).sum(1) / n
+
+
+def _style_loss(x: Tensor, target_weight: tuple[Tensor, float], mask: Tensor | None, counts: Tensor | None,
+                style_diff: dict, i: int) -> Tensor:
+    """Weighted ``mean((G - A)^2)`` per image, G over valid positions when ``counts``; keeps its gradient's
+    ingredients in ``style_diff[i]``."""
+    target, weight = target_weight
+    b, c, h, w = x.shape
+    n = c * h * w if counts is None else c * counts  # or (b,) c h_i w_i
+    rows = _rows(x if mask is None else x * mask)  # the product keeps x's memory format
+    r32 = rows.float()  # (b, hw, c) Grams in float32 (a copy only for bf16)
+    gram = torch.bmm(r32.transpose(1, 2), r32)  # (b, c, c)
+    gdiff = (gram.div_(n) if counts is None else gram.div_(n.view(b, 1, 1))).sub_(target)  # G - A, symmetric
+    # d/dX of weight * mean((X^T X / n - A)^2) = X (G - A) * 4 * weight / (c^2 n)
+    style_diff[i] = (rows, gdiff, 4 * weight / (c * c * n))
+    return weight * gdiff.pow(2).flatten(1).mean(1)
+
+
+def feature_losses(x: Tensor, model: VGG19Features, spec: LossSpec, channels_last: bool,
+                   valid: Valid | None = None) -> tuple[Tensor, Tensor]:
+    """Weighted content and style losses per image of the preprocessed batch ``x``, differentiable in ``x``.
+
+    ``valid``: the valid regions of a padded batch; each image's losses are then those it has alone.
+    """
+    return _FeatureLoss.apply(x, model, spec, channels_last, valid)
