@@ -1,9 +1,12 @@
 """Decoding every common kind of input into upright 8-bit RGB, and clear errors for bad ones."""
 
 import io
+import subprocess
+import sys
+import time
 
 import pytest
-from PIL import Image
+from PIL import Image, ImageCms
 
 from stylize.engine import images
 from stylize.errors import ConfigError, InputError
@@ -236,3 +239,14 @@ def test_8_bit_outputs_are_tagged_srgb(fmt):
     assert im.info["icc_profile"] == images.srgb_profile()
     if fmt != "webp":  # WebP has no resolution field
         assert round(im.info["dpi"][0]) == 150
+
+
+def test_the_srgb_tag_is_the_same_in_every_process():
+    # LittleCMS dates the profiles it makes; outputs written in another process (a Dask
+    # worker, tomorrow's run) must carry the same bytes.
+    code = "from stylize.engine import images; import sys; sys.stdout.buffer.write(images.srgb_profile())"
+    first = subprocess.run([sys.executable, "-c", code], capture_output=True, check=True).stdout
+    time.sleep(1.1)
+    second = subprocess.run([sys.executable, "-c", code], capture_output=True, check=True).stdout
+    assert first == second == images.srgb_profile()
+    assert ImageCms.getProfileDescription(ImageCms.ImageCmsProfile(io.BytesIO(first))).strip() == "sRGB built-in"

@@ -86,10 +86,19 @@ def decode(data: bytes, *, name: str, max_pixels: int = DEFAULT_MAX_INPUT_PIXELS
     return to_rgb(to_srgb(image, name=name))
 
 
+# (year, month, day, hour, minute, second) of the sRGB profile's header, as ICC's dateTimeNumber.
+PROFILE_DATE = struct.pack(">6H", 2026, 1, 1, 0, 0, 0)
+
+
 @functools.cache
 def srgb_profile() -> bytes:
-    """The ICC profile that outputs are tagged with (LittleCMS's built-in sRGB)."""
-    return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    """The ICC profile that outputs are tagged with (LittleCMS's built-in sRGB).
+
+    LittleCMS stamps the profile with the time it was made (header bytes 24-35);
+    a fixed date keeps outputs byte-identical from one process to the next.
+    """
+    profile = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    return profile[:24] + PROFILE_DATE + profile[36:]
 
 
 def to_srgb(image: Image.Image, *, name: str = "image") -> Image.Image:
