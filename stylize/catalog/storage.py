@@ -357,35 +357,25 @@ class Storage:
         TransientStorageError: the HTTP client checks the length, so a
         truncated image is never returned.
         """
-        if is_s3(uri):
-            bucket, key = _object_key(uri)
-            try:
-                return self.client.get_object(Bucket=bucket, Key=key)["Body"].read()
-            except _S3_ERRORS as exc:
-                raise _s3_error(exc, uri) from exc
-        path = local_path(uri)
-        try:
-            with open(path, "rb") as f:
-                return f.read()
-        except FileNotFoundError:
-            raise NotFoundError(f"{uri}: no such file") from None
-        except IsADirectoryError:
-            raise StorageError(f"{uri}: is a folder, expected a file") from None
-        except OSError as exc:
-            raise StorageError(f"{uri}: cannot read: {exc.strerror or exc}") from exc
+        return self._read(uri, None)
 
     def read_head(self, uri: str, size: int) -> bytes:
         """The first ``size`` bytes of ``uri`` (all of it when shorter): enough for an image header.
         S3: one ranged GET. Errors as ``read``."""
+        return self._read(uri, size)
+
+    def _read(self, uri: str, size: int | None) -> bytes:
+        """All of ``uri``, or its first ``size`` bytes."""
         if is_s3(uri):
             bucket, key = _object_key(uri)
+            ranged = {} if size is None else {"Range": f"bytes=0-{size - 1}"}
             try:
-                return self.client.get_object(Bucket=bucket, Key=key, Range=f"bytes=0-{size - 1}")["Body"].read()
+                return self.client.get_object(Bucket=bucket, Key=key, **ranged)["Body"].read()
             except _S3_ERRORS as exc:
                 raise _s3_error(exc, uri) from exc
         try:
             with open(local_path(uri), "rb") as f:
-                return f.read(size)
+                return f.read() if size is None else f.read(size)
         except FileNotFoundError:
             raise NotFoundError(f"{uri}: no such file") from None
         except IsADirectoryError:

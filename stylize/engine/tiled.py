@@ -39,7 +39,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -153,21 +153,26 @@ def _strides(layers: Sequence[str]) -> dict[str, int]:
     return {n: layer_geometry(n)[1] for n in layers}
 
 
+def _tile_features(model: VGG19Features, x: Tensor, layers: Sequence[str], plan: TilePlan,
+                   channels_last: bool) -> Iterator[tuple[str, Tensor, tuple[slice, slice, slice, slice]]]:
+    """(layer, tile features, core slices) for every tile and layer: the tile's rows and columns
+    of its core, then the core's rows and columns in the whole map."""
+    strides = _strides(layers)
+    for tile in plan.tiles:
+        for n, f in _features(model, _pixels(x, tile), layers, channels_last).items():
+            yield n, f, _core_slices(tile, strides[n])
+
+
 @torch.no_grad()
 def tiled_features(model: VGG19Features, x: Tensor, layers: Sequence[str], plan: TilePlan,
                    channels_last: bool) -> dict[str, Tensor]:
     """The whole image's features at ``layers``, assembled from tile cores (e.g. content targets)."""
-    strides = _strides(layers)
     out: dict[str, Tensor] = {}
-    for tile in plan.tiles:
-        feats = _features(model, _pixels(x, tile), layers, channels_last)
-        for n, f in feats.items():
-            if n not in out:
-                b, c = f.shape[:2]
-                s = strides[n]
-                out[n] = f.new_empty(b, c, plan.height // s, plan.width // s)  # (b, c, h, w) of the whole map
-            rows, cols, grows, gcols = _core_slices(tile, strides[n])
-            out[n][..., grows, gcols] = f[..., rows, cols]
+    for n, f, (rows, cols, grows, gcols) in _tile_features(model, x, layers, plan, channels_last):
+        if n not in out:
+            s = layer_geometry(n)[1]
+            out[n] = f.new_empty(*f.shape[:2], plan.height // s, plan.width // s)  # (b, c, h, w) of the whole map
+        out[n][..., grows, gcols] = f[..., rows, cols]
     return out
 
 
@@ -181,16 +186,13 @@ def _core_rows(f: Tensor, rows: slice, cols: slice) -> Tensor:
 def tiled_grams(model: VGG19Features, x: Tensor, layers: Sequence[str], plan: TilePlan,
                 channels_last: bool) -> dict[str, Tensor]:
     """{layer: (b, c, c)} float32 Gram matrices of the whole image divided by c*h*w, summed over cores."""
-    strides = _strides(layers)
     sums: dict[str, Tensor] = {}
-    for tile in plan.tiles:
-        feats = _features(model, _pixels(x, tile), layers, channels_last)
-        for n, f in feats.items():
-            r = _core_rows(f, *_core_slices(tile, strides[n])[:2])  # (b, m, c)
-            part = torch.bmm(r.transpose(1, 2), r)  # (b, c, c)
-            sums[n] = part if n not in sums else sums[n].add_(part)
+    for n, f, (rows, cols, _, _) in _tile_features(model, x, layers, plan, channels_last):
+        r = _core_rows(f, rows, cols)  # (b, m, c)
+        part = torch.bmm(r.transpose(1, 2), r)  # (b, c, c)
+        sums[n] = part if n not in sums else sums[n].add_(part)
     for n, g in sums.items():
-        s = strides[n]
+        s = layer_geometry(n)[1]
         g.div_(g.shape[1] * (plan.height // s) * (plan.width // s))
     return sums
 
