@@ -68,3 +68,16 @@ def test_flows_dask_does_not_import_the_catalog_flow():
         "flows/dask.py imports flows.catalog, which imports flows.dask: an import cycle; "
         "the flow belongs in flows/catalog.py, the Dask runner in flows/dask.py"
     )
+
+
+def test_help_loads_neither_torch_nor_prefect():
+    # `stylize --help` and a mistyped flag answer at once: the flags come from Settings,
+    # which names VGG19's layers without loading the network.
+    probe = ("import sys, runpy; sys.argv = ['stylize', '--help']\n"
+             "try:\n    runpy.run_module('stylize.app.cli', run_name='__main__')\n"
+             "except SystemExit:\n    pass\n"
+             "print(sorted({'torch', 'prefect'} & {m.split('.')[0] for m in sys.modules}))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert "usage: stylize" in out.stdout
+    assert out.stdout.strip().splitlines()[-1] == "[]"

@@ -32,53 +32,10 @@ import torch
 from torch import Tensor, nn
 
 from stylize.engine.losses import Valid
-from stylize.errors import ConfigError, WeightsError
-
-# (name, kind) in torchvision's ``vgg19().features`` order; kind is conv/relu/pool.
-_BLOCKS = (2, 2, 4, 4, 4)
-
-
-def _layer_table() -> tuple[tuple[str, str], ...]:
-    table = []
-    for block, convs in enumerate(_BLOCKS, start=1):
-        for i in range(1, convs + 1):
-            table.append((f"conv{block}_{i}", "conv"))
-            table.append((f"relu{block}_{i}", "relu"))
-        table.append((f"pool{block}", "pool"))
-    return tuple(table)
-
-
-LAYERS = _layer_table()
-LAYER_NAMES: tuple[str, ...] = tuple(name for name, _ in LAYERS)
-LAYER_INDEX = {name: i for i, name in enumerate(LAYER_NAMES)}
-# Convolutions' (in, out) channels in order; conv index i is features.{2i+pools}.
-_CONV_CHANNELS = (
-    (3, 64), (64, 64),
-    (64, 128), (128, 128),
-    (128, 256), (256, 256), (256, 256), (256, 256),
-    (256, 512), (512, 512), (512, 512), (512, 512),
-    (512, 512), (512, 512), (512, 512), (512, 512),
+from stylize.engine.vgg19 import (  # noqa: F401  (the architecture, re-exported)
+    CONV_CHANNELS, CONV_NAMES, LAYER_INDEX, LAYER_NAMES, LAYERS, check_layers, min_side,
 )
-CONV_NAMES = tuple(name for name, kind in LAYERS if kind == "conv")
-
-
-def check_layers(names: Iterable[str]) -> list[str]:
-    """Return ``names`` as a list, or raise naming the unknown ones and the known ones."""
-    names = list(names)
-    unknown = [n for n in names if n not in LAYER_INDEX]
-    if unknown:
-        raise ConfigError(
-            f"unknown VGG19 layer {', '.join(map(repr, unknown))}; known layers: {', '.join(LAYER_NAMES)}"
-        )
-    return names
-
-
-def min_side(layers: Iterable[str]) -> int:
-    """Smallest image side (px) for which every layer in ``layers`` has at least 1x1 output."""
-    deepest = max(LAYER_INDEX[n] for n in check_layers(layers))
-    pools = sum(1 for name, kind in LAYERS[: deepest + 1] if kind == "pool")
-    return 2**pools
-
+from stylize.errors import ConfigError, WeightsError
 
 @dataclass(frozen=True)
 class Preprocess:
@@ -193,7 +150,7 @@ def _load_state(name: str, source: str) -> dict[str, Tensor]:
 
 def _dequantize_caffe(raw: dict, source: str) -> dict[str, Tensor]:
     state = {}
-    for i, (conv, (cin, cout)) in enumerate(zip(CONV_NAMES, _CONV_CHANNELS)):
+    for i, (conv, (cin, cout)) in enumerate(zip(CONV_NAMES, CONV_CHANNELS)):
         block, idx = conv[4:].split("_")
         key = f"block{block}_conv{idx}"
         try:
@@ -217,7 +174,7 @@ def _from_torchvision_layout(raw: dict, source: str) -> dict[str, Tensor]:
     for name, kind in LAYERS:
         if kind == "conv":
             ci = CONV_NAMES.index(name)
-            cin, cout = _CONV_CHANNELS[ci]
+            cin, cout = CONV_CHANNELS[ci]
             for part, shape in (("weight", (cout, cin, 3, 3)), ("bias", (cout,))):
                 key = f"features.{index}.{part}"
                 if key not in raw:

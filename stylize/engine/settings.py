@@ -17,7 +17,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from stylize.engine.features import LAYER_NAMES
+from stylize.engine.vgg19 import LAYER_NAMES
 
 Format = Literal["png", "jpeg", "webp", "tiff", "png16"]
 
