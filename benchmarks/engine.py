@@ -247,7 +247,8 @@ def child_quality_run(spec: dict) -> dict:
     ``style`` (paths), ``out`` (path prefix for the PNGs). Snapshots are kept in
     memory during the run and written after it, so that writing them is not timed.
     """
-    from stylize.engine.optimize import Engine, Record, level_sizes
+    from stylize.engine.optimize import Engine, Record
+    from stylize.engine.schedule import level_sizes
     from stylize.engine.settings import Settings
 
     settings = Settings(**spec["settings"])

@@ -65,7 +65,8 @@ def child_breakdown(spec: dict) -> dict:
     import torch
 
     from stylize.engine import images
-    from stylize.engine.optimize import Engine, Objective, run_features
+    from stylize.engine.objective import Objective, run_features
+    from stylize.engine.optimize import Engine
     from stylize.engine.losses import gram
     from stylize.engine.settings import Settings
     from stylize.engine.tiled import plan_tiles

@@ -216,7 +216,7 @@ def _images_per_batch(requested: int | None, slots: list[str] | None, jobs: list
         return requested
     if not slots or not jobs:
         return 1
-    from stylize.engine.optimize import max_batch, resolve_device, resolve_precision
+    from stylize.engine.hardware import max_batch, resolve_device, resolve_precision
 
     device = resolve_device(slots[0])
     s = next((j.settings for j in jobs if j.settings is not None), None)  # refused jobs have none

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from stylize.engine.budget import estimate, plan_memory, smaller_tile
-from stylize.engine.optimize import level_iterations, level_sizes
+from stylize.engine.schedule import level_iterations, level_sizes
 from stylize.engine.settings import Settings, parse_size
 from stylize.errors import ResourceError
 

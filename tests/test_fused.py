@@ -8,7 +8,8 @@ from PIL import Image
 
 from stylize.engine.fused import LossSpec, feature_losses
 from stylize.engine.losses import ContentLoss, StyleLoss, Valid, gram
-from stylize.engine.optimize import Engine, Objective, run_features
+from stylize.engine.objective import Objective, run_features
+from stylize.engine.optimize import Engine
 from stylize.engine.settings import Settings
 from stylize.engine.tiled import layer_geometry
 

@@ -1,6 +1,5 @@
 """The optimization loop on CPU at small sizes."""
 
-import sys
 from pathlib import Path
 
 import pytest
@@ -9,7 +8,9 @@ from PIL import Image
 
 from stylize.engine import images
 from stylize.errors import InputError, OptimizationError
-from stylize.engine.optimize import BatchedLBFGS, Engine, level_sizes
+from stylize.engine.lbfgs import BatchedLBFGS
+from stylize.engine.optimize import Engine
+from stylize.engine.schedule import level_sizes
 from stylize.engine.settings import Settings
 
 DATA = Path(__file__).parent / "data"
@@ -201,27 +202,3 @@ def test_judge_prefers_the_optimized_image(engine, cat, starry):
     assert after["total"] < before["total"]
     # The same image judged twice gives the same figure, whatever produced it.
     assert engine.judge(result.image, cat, [starry], small(precision="bfloat16"), size=64) == after
-
-
-def test_cpu_batches_float32_in_pairs_when_memory_allows(monkeypatch):
-    from stylize.engine import optimize
-
-    cpu, pixels = torch.device("cpu"), 512 * 512
-    per_image = optimize.BYTES_PER_PIXEL[torch.float32] * pixels
-    monkeypatch.setattr(optimize, "available_memory", lambda: 4 * per_image)
-    assert optimize.max_batch(cpu, pixels, torch.float32) == optimize.CPU_FLOAT32_BATCH == 2
-    assert optimize.max_batch(cpu, pixels, torch.bfloat16) == 1
-    monkeypatch.setattr(optimize, "available_memory", lambda: 3 * per_image)  # two would take over half
-    assert optimize.max_batch(cpu, pixels, torch.float32) == 1
-    monkeypatch.setattr(optimize, "available_memory", lambda: None)
-    assert optimize.max_batch(cpu, pixels, torch.float32) == 1
-
-
-def test_available_memory_reads_meminfo():
-    from stylize.engine.optimize import available_memory
-
-    free = available_memory()
-    if sys.platform == "linux":
-        assert free is not None and 0 < free < 2**50
-    else:
-        assert free is None

@@ -8,7 +8,8 @@ from PIL import Image
 
 from stylize.engine import images
 from stylize.engine.losses import gram
-from stylize.engine.optimize import Engine, Objective, run_features
+from stylize.engine.objective import Objective, run_features
+from stylize.engine.optimize import Engine
 from stylize.engine.settings import Settings
 from stylize.engine.tiled import (halo_for, layer_geometry, plan_tiles, tiled_feature_losses, tiled_features,
                                   tiled_grams)

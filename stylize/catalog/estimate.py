@@ -19,7 +19,7 @@ from stylize.catalog import metadata
 from stylize.catalog.manifest import Job
 from stylize.catalog.runs import metadata_files, read_many
 from stylize.catalog.storage import Storage
-from stylize.engine.optimize import level_sizes
+from stylize.engine.schedule import level_sizes
 
 __all__ = ["HISTORY_LIMIT", "Rate", "job_work", "history", "planned_work", "Estimate"]
 

@@ -36,7 +36,8 @@ from stylize.catalog import metadata
 from stylize.errors import (Cancelled, ConfigError, InputError, ResourceError, StorageError, StylizeError,
                      TransientStorageError)
 from stylize.catalog.manifest import Job
-from stylize.engine.optimize import Engine, Record, RecordCallback, StyleTargets, level_sizes
+from stylize.engine.optimize import Engine, Record, RecordCallback, StyleTargets
+from stylize.engine.schedule import level_sizes
 from stylize.catalog.storage import Storage, check_below
 from stylize.catalog.thumbnails import write_thumbnails
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from stylize.engine.features import LAYER_INDEX, CONV_NAMES, LAYERS
+from stylize.engine.hardware import available_memory
 from stylize.engine.settings import Settings
 from stylize.engine.tiled import halo_for, layer_geometry
 from stylize.errors import ResourceError
@@ -76,8 +77,6 @@ def device_budget(device: torch.device) -> int | None:
         free, _total = torch.cuda.mem_get_info(device)
         return int(0.9 * free)
     if device.type == "cpu":
-        from stylize.engine.optimize import available_memory  # the one reader of /proc/meminfo
-
         free = available_memory()
         return None if free is None else int(0.9 * free)
     return None

@@ -3,9 +3,10 @@ features match the content photo's and its Gram matrices match the painting's.
 
 ``Engine`` holds the network on one device (loaded once) and runs jobs;
 ``StyleTargets`` holds a style's Gram matrices per size, computed once and
-reused across many content images. The loop reports one ``Record`` per loss
-evaluation to a callback and returns them all with the ``Result``; it never
-prints.
+reused across many content images. A run goes level by level (``schedule.py``);
+each level is a ``Level``, which optimizes the batch with ``BatchedLBFGS``
+(``lbfgs.py``) or Adam and reports one ``Record`` per loss evaluation to a
+callback. The records come back with the ``Result``; nothing here prints.
 
 The optimized variable is the RGB image in 0-1 (or its luminance, with
 ``preserve_color``), whatever the weight set: each weight set applies its own
@@ -16,9 +17,9 @@ variation mean the same for all of them.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
-import resource
 import threading
 import time
 from dataclasses import dataclass, field
@@ -27,33 +28,22 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch import Tensor, nn
+from torch import Tensor
 
 from stylize.engine import images
-from stylize.errors import Cancelled, ConfigError, InputError, OptimizationError
-from stylize.engine.features import LAYER_INDEX, VGG19Features, min_side, resolve_weights
-from stylize.engine.fused import LossSpec, feature_losses
-from stylize.engine.losses import ContentLoss, StyleLoss, TVLoss, gram
-from stylize.engine.malloc import retain_freed_memory
 from stylize.engine.budget import MemoryPlan, plan_memory, smaller_tile
+from stylize.engine.features import LAYER_INDEX, VGG19Features, min_side, resolve_weights
+from stylize.engine.hardware import peak_memory, resolve_device, resolve_precision
+from stylize.engine.lbfgs import BatchedLBFGS
+from stylize.engine.losses import gram
+from stylize.engine.malloc import retain_freed_memory
+from stylize.engine.objective import Objective, run_features
+from stylize.engine.schedule import converged, level_iterations, level_sizes, print_scales
 from stylize.engine.settings import Settings
-from stylize.engine.tiled import TilePlan, plan_tiles, tiled_feature_losses, tiled_features, tiled_grams
+from stylize.engine.tiled import TilePlan, plan_tiles, tiled_features, tiled_grams
+from stylize.errors import Cancelled, ConfigError, InputError, OptimizationError
 
 log = logging.getLogger(__name__)
-
-#: Coarse levels below this longest side carry too little structure to help.
-MIN_LEVEL_SIZE = 64
-#: Prints: above this longest side the schedule adds coarse levels down to PRINT_BASE px and gives each
-#: level above it fewer iterations (``level_iterations``), so that a 4096 px print costs a few 1024 px
-#: runs rather than 16. Up to 1024 px the schedule is ``scales`` and ``iterations`` as given.
-PRINT_FROM = 1024
-PRINT_BASE = 512
-PRINT_MIN_ITERATIONS = 5
-#: L-BFGS history length. jcjohnson/neural-style and torch use 100; 50 halves
-#: the memory (2 * 50 image-sized vectors) with no visible difference here.
-LBFGS_HISTORY = 50
-#: Largest per-pixel change (0-1 RGB units) of L-BFGS's first step: about 2.5 grey levels.
-FIRST_STEP = 1e-2
 
 
 @dataclass(frozen=True)
@@ -91,277 +81,153 @@ RecordCallback = Callable[[Record], None]
 SnapshotCallback = Callable[[int, int, Image.Image], None]  # (iteration, scale, image)
 
 
-def resolve_device(spec: str = "auto") -> torch.device:
-    """``auto`` picks CUDA, then Apple MPS, then the CPU; ``cuda:N`` must exist."""
-    spec = (spec or "auto").strip().lower()
-    if spec == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(spec)
-    except RuntimeError:
-        raise ConfigError(f"device {spec!r} is not one of auto, cpu, cuda, cuda:N, mps") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"device {spec!r} asked for, but CUDA is not available on this machine")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ConfigError(
-                f"device {spec!r} asked for, but only {torch.cuda.device_count()} CUDA device(s) exist"
+@dataclass
+class Reporting:
+    """Where a batch run reports, shared by its levels: each record goes to ``callback(i, record)``,
+    every ``save_every`` iterations image i goes to ``snapshot(i, iteration, scale, image)``, and
+    setting ``cancel`` stops the run at the next loss evaluation."""
+
+    started: float  # perf_counter when the run started
+    levels: int  # of the whole run, for messages
+    callback: Callable[[int, Record], None] | None = None
+    snapshot: Callable[[int, int, int, Image.Image], None] | None = None
+    cancel: threading.Event | None = None
+
+    def check_cancel(self, where: str) -> None:
+        """Raise ``Cancelled`` if the run was interrupted."""
+        if self.cancel is not None and self.cancel.is_set():
+            raise Cancelled(f"stopped {where}: the run was interrupted")
+
+
+@dataclass
+class Level:
+    """One level of a batch being optimized: the iterate, and per image its records, its iteration
+    count and whether it stopped early.
+
+    An image that converges is frozen at that iterate (its records stop) while the others go on,
+    exactly as if it had run alone. A level is all its own state: one that runs out of memory is
+    dropped whole and started again as a fresh ``Level``, and the run takes its records and counts
+    only once it is done (``Batch.add``).
+    """
+
+    index: int  # 1 = coarsest
+    x: Tensor  # (b, c, h, w) the iterate, requiring grad
+    objective: Objective
+    settings: Settings
+    report: Reporting
+    to_rgb: Callable[[int, Tensor], Tensor]  # (image i, its (1, c, h, w) iterate) -> RGB, for snapshots
+    iterations: list[int]  # per image: iterations of the whole run, this level's included
+    records: list[list[Record]] = field(default_factory=list)  # per image: this level's
+    frozen: dict[int, Tensor] = field(default_factory=dict)  # image -> the iterate it converged at
+    parts: dict[str, Tensor] = field(default_factory=dict)  # the last evaluation's losses, each (b,)
+
+    def __post_init__(self):
+        self.iterations = list(self.iterations)  # the run's counts are not touched until the level is done
+        self.records = [[] for _ in self.iterations]
+
+    @property
+    def stopped(self) -> list[bool]:
+        """Per image: whether it converged before the level's last iteration."""
+        return [i in self.frozen for i in range(len(self.iterations))]
+
+    def run(self, history: int) -> None:
+        """Optimize the level: its iterations, or until every image has converged."""
+        steps = level_iterations(max(self.x.shape[-2:]), self.settings)
+        if self.settings.optimizer == "lbfgs":
+            self._lbfgs(steps, history)
+        else:
+            self._adam(steps)
+
+    def result(self) -> Tensor:
+        """(b, c, h, w) the final images, each at its last iterate or where it converged."""
+        out = self.x.detach().clone()
+        for i, xi in self.frozen.items():
+            out[i] = xi
+        return out
+
+    def evaluate(self) -> Tensor:
+        """The per-image total loss (b,) at ``x``; keeps its parts for ``record``."""
+        total, c, st, tv = self.objective(self.x)
+        self.parts.update(total=total.detach(), content=c.detach(), style=st.detach(), tv=tv.detach())
+        return total
+
+    def record(self, step_taken: bool) -> None:
+        """Report the last evaluation of every image still going, and freeze those that converged."""
+        self.report.check_cancel(f"at iteration {max(self.iterations)} (scale {self.index}/{self.report.levels})")
+        p = self.parts
+        # One device sync per evaluation for the whole batch.
+        rows = torch.stack([p["total"], p["content"], p["style"], p["tv"]], 1).tolist()
+        now = time.perf_counter() - self.report.started
+        for i, row in enumerate(rows):
+            if i not in self.frozen:
+                self._record_one(i, row, now, step_taken)
+
+    def _record_one(self, i: int, row: list[float], now: float, step_taken: bool) -> None:
+        s, report = self.settings, self.report
+        if step_taken:
+            self.iterations[i] += 1
+        it = self.iterations[i]
+        if not all(math.isfinite(v) for v in row):
+            raise OptimizationError(
+                f"loss became {row[0]} at iteration {it} (scale {self.index}/{report.levels}); "
+                "lower learning_rate or the loss weights"
             )
-    elif device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ConfigError("device 'mps' asked for, but Apple MPS is not available on this machine")
-    elif device.type not in ("cpu", "cuda", "mps"):
-        raise ConfigError(f"device {spec!r} is not one of auto, cpu, cuda, cuda:N, mps")
-    return device
+        rec = Record(it, self.index, *row, now)
+        self.records[i].append(rec)
+        if report.callback is not None:
+            report.callback(i, rec)
+        if report.snapshot is not None and s.save_every and it % s.save_every == 0 and it > 0:
+            report.snapshot(i, it, self.index, images.to_image(self.to_rgb(i, self.x[i:i + 1].detach())))
+        if step_taken and converged([r.total for r in self.records[i]], s):
+            self.frozen[i] = self.x[i].detach().clone()
+
+    def _lbfgs(self, steps: int, history: int) -> None:
+        opt = BatchedLBFGS(self.x, lr=self.settings.step_size(), history=history)
+        opt.start(self.evaluate)
+        self.record(step_taken=False)
+        for _ in range(steps):
+            if len(self.frozen) == len(self.iterations):
+                break
+            opt.step(self.evaluate)
+            self.record(step_taken=True)
+
+    def _adam(self, steps: int) -> None:
+        # An evaluation describes the iterate before its update, so the first evaluation of each step
+        # records the previous step's result and a final no-grad pass records the last one.
+        adam = torch.optim.Adam([self.x], lr=self.settings.step_size())
+        for i in range(steps + 1):
+            adam.zero_grad(set_to_none=True)
+            if i == steps or len(self.frozen) == len(self.iterations):
+                with torch.no_grad():
+                    self.evaluate()
+                self.record(step_taken=i > 0)
+                return
+            self.evaluate().sum().backward()
+            self.record(step_taken=i > 0)
+            adam.step()
 
 
-def cpu_has_fast_bf16() -> bool:
-    """True where the CPU runs bf16 convolutions natively (AVX-512 BF16 or AMX)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+@dataclass
+class Batch:
+    """What a batch run has done so far, per image: its records, its iteration count, and per level
+    whether it stopped early."""
 
+    size: int
+    records: list[list[Record]] = field(default_factory=list)
+    iterations: list[int] = field(default_factory=list)
+    stopped: list[list[bool]] = field(default_factory=list)
 
-def resolve_precision(spec: str, device: torch.device) -> torch.dtype:
-    """The dtype of the VGG pass: bf16 where it is fast and supported, else float32."""
-    if spec == "float32":
-        return torch.float32
-    if spec == "bfloat16":
-        return torch.bfloat16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    if device.type == "cpu":
-        return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
-    return torch.float32
+    def __post_init__(self):
+        self.records = [[] for _ in range(self.size)]
+        self.iterations = [0] * self.size
+        self.stopped = [[] for _ in range(self.size)]
 
-
-#: Device memory per output pixel of one image in a batch: VGG19 activations to
-#: relu5_1 kept for the backward pass (about 580 values per pixel over the
-#: five blocks), their gradients, and the L-BFGS history (2 x 50 x 3 floats),
-#: rounded up. An estimate for sizing batches, not a guarantee.
-BYTES_PER_PIXEL = {torch.bfloat16: 3500, torch.float32: 6000}
-
-
-#: Images per batch on the CPU in float32. Two images per oneDNN call keep the
-#: cores busier than one: 0.91x and 0.98x the time per image in two runs of
-#: benchmarks/engine.py at 512 px (2026-11-27), for about 1.45x the peak RSS.
-#: In bfloat16 a batch of two was 1.16x and 1.01x, so 1.
-CPU_FLOAT32_BATCH = 2
-
-
-def available_memory() -> int | None:
-    """Bytes of RAM available to new allocations (Linux ``MemAvailable``), or None if unknown."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def max_batch(device: torch.device, pixels: int, dtype: torch.dtype, *, cap: int = 32) -> int:
-    """How many images of ``pixels`` output pixels fit one batch on ``device``.
-
-    CUDA: from the free memory (70% of it, leaving room for the allocator and
-    cuDNN workspaces). CPU: ``CPU_FLOAT32_BATCH`` in float32 when half the
-    available RAM holds them, else 1. Elsewhere 1.
-    """
-    per_image = BYTES_PER_PIXEL.get(dtype, BYTES_PER_PIXEL[torch.float32]) * pixels
-    if device.type == "cpu" and dtype == torch.float32:
-        free = available_memory()
-        return CPU_FLOAT32_BATCH if free is not None and CPU_FLOAT32_BATCH * per_image <= free // 2 else 1
-    if device.type != "cuda":
-        return 1
-    free, _total = torch.cuda.mem_get_info(device)
-    return max(1, min(cap, int(0.7 * free // per_image)))
-
-
-def print_scales(settings: Settings) -> int:
-    """Levels for ``settings.size``: ``scales``, or above PRINT_FROM enough that the coarsest is at most PRINT_BASE."""
-    if settings.size <= PRINT_FROM:
-        return settings.scales
-    return max(settings.scales, 1 + math.ceil(math.log2(settings.size / PRINT_BASE)))
-
-
-def level_iterations(longest: int, settings: Settings) -> int:
-    """Iterations of a level whose longest side is ``longest``: ``iterations``, fewer above PRINT_FROM.
-
-    A level above PRINT_FROM px gets ``iterations * (PRINT_FROM / longest) ** 2``
-    (at least PRINT_MIN_ITERATIONS), so each print level costs about what a
-    PRINT_FROM level does: the composition comes from the coarse levels, the
-    top levels add brush detail.
-    """
-    if longest <= PRINT_FROM or settings.iterations == 0:
-        return settings.iterations
-    return max(min(PRINT_MIN_ITERATIONS, settings.iterations), round(settings.iterations * (PRINT_FROM / longest) ** 2))
-
-
-def level_sizes(width: int, height: int, settings: Settings) -> list[tuple[int, int]]:
-    """(w, h) for each coarse-to-fine level; each level is half the next, the last is ``size``."""
-    sizes = []
-    scales = print_scales(settings)
-    for k in range(scales):
-        longest = round(settings.size / 2 ** (scales - 1 - k))
-        if k < scales - 1 and longest < MIN_LEVEL_SIZE:
-            continue
-        sizes.append(images.fit_size(width, height, longest))
-    return sizes
-
-
-def _dot(a: Tensor, b: Tensor) -> Tensor:
-    """Row-wise dot products of (b, n) tensors -> (b,), without an (b, n) temporary."""
-    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(a.shape[0])
-
-
-class BatchedLBFGS:
-    """L-BFGS without line search (as torch.optim.LBFGS and neural-style use it),
-    for a batch of independent images: each image has its own history, step and
-    curvature scale, so a batch gives the same iterates as running each image alone.
-
-    ``step(evaluate)`` makes one update and evaluates once; ``evaluate()`` must
-    return per-image losses, shape (b,), computed from ``x``.
-    """
-
-    def __init__(self, x: Tensor, *, lr: float = 1.0, history: int = LBFGS_HISTORY):
-        self.x = x
-        self.lr = lr
-        self.history = history
-        self.s: list[Tensor] = []  # each (b, n)
-        self.y: list[Tensor] = []
-        self.rho: list[Tensor] = []  # each (b,); 0 where the pair failed the curvature test
-        self.gamma: Tensor | None = None  # (b,) initial Hessian scale
-        self.curved = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)  # has a curvature pair
-        self.g: Tensor | None = None  # (b, n) gradient at x
-
-    def _loss_and_grad(self, evaluate: Callable[[], Tensor]) -> Tensor:
-        self.x.grad = None
-        loss = evaluate()  # (b,)
-        loss.sum().backward()
-        self.g = self.x.grad.detach().flatten(1).clone()  # (b, n)
-        return loss.detach()
-
-    def start(self, evaluate: Callable[[], Tensor]) -> Tensor:
-        """Evaluate the starting point; returns its losses."""
-        return self._loss_and_grad(evaluate)
-
-    def _direction(self, g: Tensor) -> Tensor:
-        """Two-loop recursion, per image. Dots are batched matrix products and updates
-        fused multiply-adds, so no image-sized temporaries are made per history pair."""
-        q = g.neg()
-        alphas = []
-        for s, y, rho in zip(reversed(self.s), reversed(self.y), reversed(self.rho)):
-            alpha = rho * _dot(s, q)  # (b,)
-            q.addcmul_(y, alpha[:, None], value=-1.0)
-            alphas.append(alpha)
-        if self.gamma is not None:
-            q.mul_(self.gamma[:, None])
-        for s, y, rho, alpha in zip(self.s, self.y, self.rho, reversed(alphas)):
-            beta = rho * _dot(y, q)
-            q.addcmul_(s, (alpha - beta)[:, None])
-        return q  # (b, n)
-
-    def step(self, evaluate: Callable[[], Tensor]) -> Tensor:
-        """One update of every image in the batch, then one evaluation; returns the new losses."""
-        g = self.g
-        d = self._direction(g)
-        # Until an image has a curvature pair, its step is scaled so that no
-        # pixel moves more than FIRST_STEP (torch's rule, 1/|g|_1, gives steps
-        # so small at image scale that float32 noise swamps the curvature pair).
-        first = self.lr * FIRST_STEP / g.abs().amax(1).clamp_min(1e-30)  # (b,)
-        t = torch.where(self.curved, torch.full_like(first, self.lr), first)
-        s = t[:, None] * d
-        with torch.no_grad():
-            self.x.add_(s.view_as(self.x))
-        loss = self._loss_and_grad(evaluate)
-        y = self.g - g
-        ys = _dot(y, s)
-        yy = _dot(y, y)
-        # Curvature test relative to the scale of y, so tiny (per-element
-        # normalized) gradients are not mistaken for flat curvature.
-        ok = ys > 1e-10 * yy.clamp_min(1e-30)
-        self.s.append(s)
-        self.y.append(y)
-        self.rho.append(torch.where(ok, 1.0 / ys.where(ok, torch.ones_like(ys)), torch.zeros_like(ys)))
-        if len(self.s) > self.history:
-            del self.s[0], self.y[0], self.rho[0]
-        self.curved |= ok
-        new_gamma = ys / yy.clamp_min(1e-30)
-        self.gamma = new_gamma.where(ok, self.gamma if self.gamma is not None else torch.ones_like(ys))
-        return loss
-
-
-class Objective(nn.Module):
-    """Weighted content + style + TV loss of a batch of images, per image."""
-
-    def __init__(
-        self,
-        features: VGG19Features,
-        settings: Settings,
-        content_features: dict[str, Tensor],
-        style_grams: dict[str, Tensor],
-        dtype: torch.dtype,
-        channels_last: bool,
-        fused: bool = True,
-        tiles: TilePlan | None = None,
-    ):
-        super().__init__()
-        self.features = features
-        self.content_layers = list(settings.content_layers)
-        self.style_layers = list(settings.style_layers)
-        self.layers = sorted(set(self.content_layers) | set(self.style_layers), key=LAYER_INDEX.get)
-        self.content = nn.ModuleDict({n: ContentLoss(content_features[n]) for n in self.content_layers})
-        self.style = nn.ModuleDict({n: StyleLoss(style_grams[n]) for n in self.style_layers})
-        self.layer_weights = dict(zip(self.style_layers, settings.layer_weights()))
-        self.tv = TVLoss()
-        self.weights = (settings.content_weight, settings.style_weight, settings.tv_weight)
-        self.dtype = dtype
-        self.channels_last = channels_last
-        self.fused = fused
-        self.tiles = tiles  # evaluate tile by tile (stylize.engine.tiled): same losses, bounded memory
-        self.timings: dict[str, float] = {}  # seconds per part of the tiled evaluation, for benchmarks
-        wc, ws, _ = self.weights
-        # The same losses and weights for the fused pass (see stylize.engine.fused).
-        self.spec = LossSpec(
-            content={n: (self.content[n].target, wc / len(self.content_layers)) for n in self.content_layers},
-            style={n: (self.style[n].target, ws * self.layer_weights[n]) for n in self.style_layers},
-        )
-
-    def forward(self, image: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        rgb = image.expand(-1, 3, -1, -1) if image.shape[1] == 1 else image  # luminance -> grey RGB
-        wc, ws, wt = self.weights
-        if self.tiles is not None:
-            features, content, style = tiled_feature_losses(image, self.features, self.spec, self.tiles,
-                                                            self.channels_last, self.timings)
-            tv = wt * self.tv(image)
-            return features + tv, content, style, tv
-        if self.fused:
-            content, style = feature_losses(self.features.preprocess(rgb.float()), self.features, self.spec,
-                                            self.channels_last)
-        else:  # autograd through the modules: the reference, and what torch.compile can trace
-            feats = run_features(self.features, rgb, self.layers, self.dtype, self.channels_last)
-            content = wc * sum(self.content[n](feats[n]) for n in self.content_layers) / len(self.content_layers)
-            style = ws * sum(self.layer_weights[n] * self.style[n](feats[n]) for n in self.style_layers)
-        tv = wt * self.tv(image)
-        return content + style + tv, content, style, tv  # each (b,)
-
-
-def run_features(
-    model: VGG19Features, rgb: Tensor, layers: Sequence[str], dtype: torch.dtype, channels_last: bool
-) -> dict[str, Tensor]:
-    """Run the VGG pass with the chosen memory format. ``model`` already holds its
-    weights in ``dtype`` (see ``Engine.features``): a bf16 copy of the network, rather
-    than autocast, which would re-cast every frozen weight on every pass."""
-    if channels_last:
-        rgb = rgb.contiguous(memory_format=torch.channels_last)
-    return model(rgb, layers)
+    def add(self, level: Level) -> None:
+        """Take a finished level's records and counts."""
+        for i in range(self.size):
+            self.records[i] += level.records[i]
+            self.stopped[i].append(level.stopped[i])
+        self.iterations = list(level.iterations)
 
 
 class StyleTargets:
@@ -547,54 +413,55 @@ class Engine:
         Setting ``cancel`` (from another thread) stops the batch with ``Cancelled``
         at the next loss evaluation, so an interrupted run does not wait for it.
         """
-        _check_cancel(cancel, "before it started")
         s = settings or Settings()
-        started = time.perf_counter()
-        b = len(contents)
-        inits = list(inits) if inits is not None else [None] * b
+        report = Reporting(time.perf_counter(), print_scales(s), callback, snapshot, cancel)
+        report.check_cancel("before it started")
+        inits = list(inits) if inits is not None else [None] * len(contents)
         targets = styles if isinstance(styles, StyleTargets) else self.style_targets(styles, s)
         sizes = self._check_sizes(contents, inits, s)
-
-        model = self.features(s)
-        dtype = self.dtype(s)
         # Whole image or tiles, and the history length, per level; refuses a budget that cannot work
         # before any work is done.
-        memory = [plan_memory(lh, lw, b, 1 if s.preserve_color else 3, s, dtype, self.device) for lw, lh in sizes]
+        plans = [plan_memory(lh, lw, len(contents), 1 if s.preserve_color else 3, s, self.dtype(s), self.device)
+                 for lw, lh in sizes]
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        records: list[list[Record]] = [[] for _ in range(b)]
-        stopped: list[list[bool]] = [[] for _ in range(b)]
-        iterations = [0] * b
+        batch = Batch(len(contents))
         x: Tensor | None = None
-        for level, (lw, lh) in enumerate(sizes, start=1):
-            c = torch.cat([images.to_tensor(images.resize(im, (lw, lh)), self.device) for im in contents])  # (b, 3, h, w)
-            if s.preserve_color:
-                c_target = images.rgb_to_yiq(c)[:, :1]  # (b, 1, h, w) luminance
-                grams = [targets.grams(max(lw, lh), (y.mean().item(), y.std().item())) for y in c_target]
-                style_grams = {n: torch.cat([g[n] for g in grams]) for n in s.style_layers}  # (b, c, c)
-            else:
-                c_target = c
-                style_grams = targets.grams(max(lw, lh))  # (1, c, c), shared by the batch
+        for index, (lw, lh) in enumerate(sizes, start=1):
+            c, c_target, style_grams = self._level_targets(contents, targets, (lw, lh), s)
             if x is None:
-                x = torch.cat([self._initial(s, c_target[i:i + 1], inits[i], (lh, lw)) for i in range(b)])
+                x = torch.cat([self._initial(s, c_target[i:i + 1], init, (lh, lw)) for i, init in enumerate(inits)])
             else:
                 x = _resize_tensor(x, (lh, lw))
-            loop = (level, iterations, started, records, callback, snapshot, c, cancel)
-            x, early, memory[level - 1] = self._run_level(x, model, s, c_target, style_grams, memory[level - 1], loop)
-            for i in range(b):
-                stopped[i].append(early[i])
-            log.debug("level %d (%dx%d) done at iterations %s", level, lw, lh, iterations)
-
+            new_level = functools.partial(Level, index=index, settings=s, report=report, iterations=batch.iterations,
+                                          to_rgb=lambda i, xi, c=c: self._to_rgb(xi, c[i:i + 1], s))
+            level, plans[index - 1] = self._run_level(x.detach(), s, c_target, style_grams, plans[index - 1],
+                                                      new_level)
+            batch.add(level)
+            x = level.result()
+            log.debug("level %d (%dx%d) done at iterations %s", index, lw, lh, batch.iterations)
         out = self._to_rgb(x, c, s)
-        seconds = time.perf_counter() - started
-        levels = [dict(plan.describe(), size=list(size)) for plan, size in zip(memory, sizes)]
+        seconds = time.perf_counter() - report.started
+        levels = [dict(plan.describe(), size=list(size)) for plan, size in zip(plans, sizes)]
         peak = peak_memory(self.device)
         return [
-            Result(image=images.to_image(out[i]), records=records[i], seconds=seconds, device=str(self.device),
-                   precision=str(dtype).replace("torch.", ""), sizes=sizes, stopped_early=stopped[i],
+            Result(image=images.to_image(out[i]), records=batch.records[i], seconds=seconds, device=str(self.device),
+                   precision=str(self.dtype(s)).replace("torch.", ""), sizes=sizes, stopped_early=batch.stopped[i],
                    memory=levels, peak_memory=peak, pixels=out[i].detach().float().cpu())
-            for i in range(b)
+            for i in range(len(contents))
         ]
+
+    def _level_targets(self, contents: Sequence[Image.Image], targets: StyleTargets, size: tuple[int, int],
+                       s: Settings) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """The content photos at this level's size (b, 3, h, w), what the content loss matches (the
+        photos, or their luminance (b, 1, h, w) with ``preserve_color``), and the style Grams."""
+        lw, lh = size
+        c = torch.cat([images.to_tensor(images.resize(im, (lw, lh)), self.device) for im in contents])  # (b, 3, h, w)
+        if not s.preserve_color:
+            return c, c, targets.grams(max(lw, lh))  # (1, c, c) per layer, shared by the batch
+        c_target = images.rgb_to_yiq(c)[:, :1]  # (b, 1, h, w) luminance
+        grams = [targets.grams(max(lw, lh), (y.mean().item(), y.std().item())) for y in c_target]
+        return c, c_target, {n: torch.cat([g[n] for g in grams]) for n in s.style_layers}  # (b, c, c)
 
     def tile_plan(self, height: int, width: int, batch: int, channels: int, s: Settings) -> TilePlan | None:
         """Tiles for an image of this size under the settings' memory budget, or None for the whole image."""
@@ -603,42 +470,39 @@ class Engine:
             return None
         return plan_tiles(height, width, plan.tile, s.content_layers + s.style_layers, field="tile")
 
-    def _run_level(self, x: Tensor, model: VGG19Features, s: Settings, c_target: Tensor,
-                   style_grams: dict[str, Tensor], memory: MemoryPlan, loop: tuple):
-        """Optimize one level from ``x``, tiled when ``memory`` says so; returns (x, stopped early, plan used).
+    def _run_level(self, start: Tensor, s: Settings, c_target: Tensor, style_grams: dict[str, Tensor],
+                   plan: MemoryPlan, new_level: Callable[..., Level]) -> tuple[Level, MemoryPlan]:
+        """Optimize one level from ``start``, tiled when ``plan`` says so; returns the finished level and
+        the plan it used.
 
         On CUDA out-of-memory the level starts again with smaller tiles (its
         records so far are dropped), down to the smallest core; then the
         out-of-memory error goes to the caller. The output is never shrunk here.
         """
-        level, iterations, _started, records = loop[:4]
-        start, done, counted = x.detach(), [len(r) for r in records], list(iterations)
-        h, w = x.shape[-2:]
+        h, w = start.shape[-2:]
+        model, dtype = self.features(s), self.dtype(s)
         while True:
-            tiles = None if memory.tile is None else plan_tiles(h, w, memory.tile, s.content_layers + s.style_layers,
-                                                                  field="tile")
+            tiles = None if plan.tile is None else plan_tiles(h, w, plan.tile, s.content_layers + s.style_layers,
+                                                              field="tile")
             try:
                 with torch.no_grad():
                     if tiles is None:
                         content_feats = run_features(model, c_target.expand(-1, 3, -1, -1), s.content_layers,
-                                                     self.dtype(s), self.channels_last)
+                                                     dtype, self.channels_last)
                     else:
                         content_feats = tiled_features(model, c_target, s.content_layers, tiles, self.channels_last)
-                objective = Objective(model, s, content_feats, style_grams, self.dtype(s), self.channels_last,
-                                      self.fused, tiles=tiles)
-                x, early = self._optimize(start.clone().requires_grad_(True), objective, s, *loop,
-                                          history=memory.history)
-                return x, early, memory
+                objective = Objective(model, s, content_feats, style_grams, dtype, self.channels_last, self.fused,
+                                      tiles=tiles)
+                level = new_level(x=start.clone().requires_grad_(True), objective=objective)
+                level.run(plan.history)
+                return level, plan
             except torch.OutOfMemoryError:
-                smaller = smaller_tile(memory, h, w)
+                smaller = smaller_tile(plan, h, w)
                 if smaller is None:
                     raise  # the caller decides: fail, or shrink the output if the settings opt in
                 log.warning("out of %s memory at level %d (%dx%d px) with tiles of %s px; retrying with %d px",
-                            self.device, level, w, h, memory.tile or "(whole image)", smaller)
-                memory = dataclasses.replace(memory, tile=smaller)
-                for r, n in zip(records, done):
-                    del r[n:]
-                iterations[:] = counted
+                            self.device, new_level.keywords["index"], w, h, plan.tile or "(whole image)", smaller)
+                plan = dataclasses.replace(plan, tile=smaller)
                 torch.cuda.empty_cache()
 
     @staticmethod
@@ -686,113 +550,9 @@ class Engine:
         iq = images.rgb_to_yiq(content_rgb)[:, 1:]
         return images.yiq_to_rgb(torch.cat([x, iq], dim=1))
 
-    def _optimize(self, x, objective, s, level, iterations, started, records, callback, snapshot, content_rgb,
-                  cancel, *, history: int = LBFGS_HISTORY):
-        """One level for a batch. Returns the final images (b, ...) and which stopped early.
-
-        An image that converges is frozen at that iterate (its records stop)
-        while the others go on, exactly as if it had run alone.
-        """
-        b = x.shape[0]
-        parts: dict[str, Tensor] = {}
-        active = [True] * b
-        frozen: dict[int, Tensor] = {}
-        histories: list[list[float]] = [[] for _ in range(b)]
-
-        def evaluate() -> Tensor:
-            total, c, st, tv = objective(x)
-            parts.update(total=total.detach(), content=c.detach(), style=st.detach(), tv=tv.detach())
-            return total
-
-        def record(step_taken: bool) -> None:
-            _check_cancel(cancel, f"at iteration {max(iterations)} (scale {level}/{print_scales(s)})")
-            # One device sync per evaluation for the whole batch.
-            rows = torch.stack([parts["total"], parts["content"], parts["style"], parts["tv"]], 1).tolist()
-            now = time.perf_counter() - started
-            for i in range(b):
-                if not active[i]:
-                    continue
-                if step_taken:
-                    iterations[i] += 1
-                total, content, style, tv = rows[i]
-                if not all(math.isfinite(v) for v in rows[i]):
-                    raise OptimizationError(
-                        f"loss became {total} at iteration {iterations[i]} (scale {level}/{print_scales(s)}); "
-                        "lower learning_rate or the loss weights"
-                    )
-                rec = Record(iterations[i], level, total, content, style, tv, now)
-                records[i].append(rec)
-                histories[i].append(total)
-                if callback is not None:
-                    callback(i, rec)
-                it = iterations[i]
-                if snapshot is not None and s.save_every and it % s.save_every == 0 and it > 0:
-                    snapshot(i, it, level, images.to_image(self._to_rgb(x[i:i + 1].detach(), content_rgb[i:i + 1], s)))
-                if step_taken and _converged(histories[i], s):
-                    active[i] = False
-                    frozen[i] = x[i].detach().clone()
-
-        def result() -> tuple[Tensor, list[bool]]:
-            out = x.detach().clone()
-            for i, xi in frozen.items():
-                out[i] = xi
-            return out, [i in frozen for i in range(b)]
-
-        if s.optimizer == "lbfgs":
-            opt = BatchedLBFGS(x, lr=s.step_size(), history=history)
-            opt.start(evaluate)
-            record(step_taken=False)
-            for _ in range(level_iterations(max(x.shape[-2:]), s)):
-                if not any(active):
-                    break
-                opt.step(evaluate)
-                record(step_taken=True)
-            return result()
-
-        # Adam: an evaluation describes the iterate before its update, so the
-        # first evaluation of each step records the previous step's result
-        # and a final no-grad pass records the last one.
-        adam = torch.optim.Adam([x], lr=s.step_size())
-        steps = level_iterations(max(x.shape[-2:]), s)
-        for i in range(steps + 1):
-            adam.zero_grad(set_to_none=True)
-            if i == steps or not any(active):
-                with torch.no_grad():
-                    evaluate()
-                record(step_taken=i > 0)
-                return result()
-            evaluate().sum().backward()
-            record(step_taken=i > 0)
-            adam.step()
-        return result()
-
-
-def peak_memory(device: torch.device) -> int | None:
-    """Peak bytes so far: CUDA memory allocated since the run began, or the process's peak RSS on the CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    if device.type == "cpu":
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-    return None
-
-
-def _check_cancel(cancel: threading.Event | None, where: str) -> None:
-    if cancel is not None and cancel.is_set():
-        raise Cancelled(f"stopped {where}: the run was interrupted")
-
-
-def _converged(history: list[float], s: Settings) -> bool:
-    """True when the best loss improved by less than ``tolerance`` over the last window."""
-    if s.tolerance <= 0 or len(history) <= s.tolerance_window:
-        return False
-    before = min(history[: -s.tolerance_window])
-    now = min(history)
-    return before > 0 and (before - now) / before < s.tolerance
-
 
 def _resize_tensor(x: Tensor, hw: tuple[int, int]) -> Tensor:
     if tuple(x.shape[-2:]) == tuple(hw):
         return x
     # Antialias when shrinking; bicubic when growing keeps coarse-level strokes crisp.
     return F.interpolate(x, size=hw, mode="bicubic", align_corners=False, antialias=True)
-

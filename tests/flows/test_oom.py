@@ -100,6 +100,7 @@ def test_a_job_that_never_fits_does_not_stop_the_run(catalog):
     summary = failed.value.summary
     assert summary["counts"] == {"done": 1, "skipped": 0, "failed": 1, "total": 2}
     assert summary["failures"] == [{"job": "astronaut__starry", "error": "out of cpu memory at size 64 and again "
-                                    "at 45; try size 31 or less, or a device with more memory"}]
+                                    "at 45; try size 31 or less, or a device with more memory",
+                                    "kind": "ResourceError"}]
     meta = json.loads((catalog.parent / "out" / "cat__starry.json").read_text())
     assert meta["retried_at_size"] == 28

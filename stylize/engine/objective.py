@@ -1,0 +1,86 @@
+"""The objective of a batch: weighted content, style and total-variation losses, one value per image.
+
+``Objective`` evaluates them with the fused pass (``fused.py``), through
+autograd over the modules of ``losses.py`` (the reference), or tile by tile
+(``tiled.py``) for prints that do not fit the device at once.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from stylize.engine.features import LAYER_INDEX, VGG19Features
+from stylize.engine.fused import LossSpec, feature_losses
+from stylize.engine.losses import ContentLoss, StyleLoss, TVLoss
+from stylize.engine.settings import Settings
+from stylize.engine.tiled import TilePlan, tiled_feature_losses
+
+
+class Objective(nn.Module):
+    """Weighted content + style + TV loss of a batch of images, per image."""
+
+    def __init__(
+        self,
+        features: VGG19Features,
+        settings: Settings,
+        content_features: dict[str, Tensor],
+        style_grams: dict[str, Tensor],
+        dtype: torch.dtype,
+        channels_last: bool,
+        fused: bool = True,
+        tiles: TilePlan | None = None,
+    ):
+        super().__init__()
+        self.features = features
+        self.content_layers = list(settings.content_layers)
+        self.style_layers = list(settings.style_layers)
+        self.layers = sorted(set(self.content_layers) | set(self.style_layers), key=LAYER_INDEX.get)
+        self.content = nn.ModuleDict({n: ContentLoss(content_features[n]) for n in self.content_layers})
+        self.style = nn.ModuleDict({n: StyleLoss(style_grams[n]) for n in self.style_layers})
+        self.layer_weights = dict(zip(self.style_layers, settings.layer_weights()))
+        self.tv = TVLoss()
+        self.weights = (settings.content_weight, settings.style_weight, settings.tv_weight)
+        self.dtype = dtype
+        self.channels_last = channels_last
+        self.fused = fused
+        self.tiles = tiles  # evaluate tile by tile (stylize.engine.tiled): same losses, bounded memory
+        self.timings: dict[str, float] = {}  # seconds per part of the tiled evaluation, for benchmarks
+        wc, ws, _ = self.weights
+        # The same losses and weights for the fused pass (see stylize.engine.fused).
+        self.spec = LossSpec(
+            content={n: (self.content[n].target, wc / len(self.content_layers)) for n in self.content_layers},
+            style={n: (self.style[n].target, ws * self.layer_weights[n]) for n in self.style_layers},
+        )
+
+    def forward(self, image: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        rgb = image.expand(-1, 3, -1, -1) if image.shape[1] == 1 else image  # luminance -> grey RGB
+        wc, ws, wt = self.weights
+        if self.tiles is not None:
+            features, content, style = tiled_feature_losses(image, self.features, self.spec, self.tiles,
+                                                            self.channels_last, self.timings)
+            tv = wt * self.tv(image)
+            return features + tv, content, style, tv
+        if self.fused:
+            content, style = feature_losses(self.features.preprocess(rgb.float()), self.features, self.spec,
+                                            self.channels_last)
+        else:  # autograd through the modules: the reference, and what torch.compile can trace
+            feats = run_features(self.features, rgb, self.layers, self.dtype, self.channels_last)
+            content = wc * sum(self.content[n](feats[n]) for n in self.content_layers) / len(self.content_layers)
+            style = ws * sum(self.layer_weights[n] * self.style[n](feats[n]) for n in self.style_layers)
+        tv = wt * self.tv(image)
+        return content + style + tv, content, style, tv  # each (b,)
+
+
+def run_features(
+    model: VGG19Features, rgb: Tensor, layers: Sequence[str], dtype: torch.dtype, channels_last: bool
+) -> dict[str, Tensor]:
+    """Run the VGG pass with the chosen memory format. ``model`` already holds its
+    weights in ``dtype`` (see ``Engine.features``): a bf16 copy of the network, rather
+    than autocast, which would re-cast every frozen weight on every pass."""
+    if channels_last:
+        rgb = rgb.contiguous(memory_format=torch.channels_last)
+    return model(rgb, layers)
+
