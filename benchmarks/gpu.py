@@ -30,28 +30,13 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from _common import iteration_gflop
 from stylize.engine import images
-from stylize.engine.features import LAYERS
 from stylize.engine.optimize import Engine
 from stylize.engine.settings import Settings
 
 DATA = Path(__file__).resolve().parent.parent / "tests" / "data"
 DEMO = Path(__file__).resolve().parent.parent / "manifests" / "demo"
-
-
-def vgg_gflop(w: int, h: int, deepest: str = "relu5_1") -> float:
-    """GFLOP of one iteration: VGG19 convolutions up to ``deepest``, forward plus input gradient."""
-    flops, cin, size = 0.0, 3, (w, h)
-    for name, kind in LAYERS:
-        if kind == "conv":
-            cout = 64 * 2 ** min(int(name[4]) - 1, 3)
-            flops += 2 * cin * cout * 9 * size[0] * size[1]
-            cin = cout
-        elif kind == "pool":
-            size = (size[0] // 2, size[1] // 2)
-        if name == deepest:
-            break
-    return 2 * flops / 1e9
 
 
 def sync(device: torch.device) -> None:
@@ -109,7 +94,7 @@ def main() -> None:
           f"float32{'/TF32' if device.type == 'cuda' else ''} {peaks['float32']:.1f} TFLOP/s\n")
 
     w, h = images.fit_size(*content.size, size)
-    gflop = vgg_gflop(w, h)
+    gflop = iteration_gflop(w, h)
     best = batch_sweep(engine, content, style, size, batches, gflop, peaks, (w, h))
     default = schedule_comparison(engine, content, style, size, reference_iterations)
     throughput(engine, default, best[1])

