@@ -17,8 +17,23 @@ Targets: overhead under 50 ms per job, thumbnails and report included (issues
 4 and 14); peak RSS at 1,000 jobs within 10% of that at 200; the report of a
 10,000-job output built in under 30 s (issue 14).
 
+``--mixed`` runs a realistic catalog instead (issue 15): 120 photos cropped
+from ``--data`` (default ``../shared/data``, else ``tests/data``) in six
+shapes (4:3, 3:2, 16:9, 1:1, 3:4, 9:16, in turn), times 3 styles, at 64 px,
+on ``--workers`` CPU slots with ``--images-per-batch``, and prints
+
+* batch occupancy: images per ``Engine.run_batch`` call (each VGG19 pass of a
+  call holds its images) over the images per batch asked for; target >= 0.9;
+* device utilization: the engine's busy seconds (each call counted once) over
+  wall time times slots, and the run summary's ``device_utilization``; target >= 0.95;
+* wall time per job.
+
+``--before REV`` runs the same catalog on the code at git revision ``REV``
+too (``git archive`` into a temporary folder), for a before/after table.
+
     .venv/bin/python benchmarks/catalog.py                       # 200 and 1,000 jobs; 10,000-job report
     .venv/bin/python benchmarks/catalog.py --jobs 50 --report-jobs 1000  # quick look
+    .venv/bin/python benchmarks/catalog.py --mixed --before a74c4a9     # realistic catalog, before and after
 """
 
 from __future__ import annotations
@@ -141,13 +156,150 @@ def report_child(root: str) -> None:
                       "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "before_mib": before}))
 
 
+#: The crops of the realistic catalog, as (w, h) ratios: landscape photo, DSLR, video, square, portraits.
+MIXED_SHAPES = [(4, 3), (3, 2), (16, 9), (1, 1), (3, 4), (9, 16)]
+
+
+def make_mixed_catalog(folder: Path, data: Path, photos: int = 120, size: int = 64, iterations: int = 12) -> Path:
+    """``photos`` crops of the content images in ``data`` (``data/content`` when there is one), shape
+    ``MIXED_SHAPES[i % 6]`` at an offset that moves with ``i``, longest side 2 x ``size``; 3 styles (the
+    style images and a detail of the first), as a grid manifest."""
+    from PIL import Image, ImageOps
+
+    content = data / "content" if (data / "content").is_dir() else data
+    style_dir = data / "styles" if (data / "styles").is_dir() else data
+    styles = sorted(p for p in style_dir.iterdir() if p.name.startswith(("starry", "shipwreck")))
+    sources = sorted(p for p in content.iterdir() if p.suffix in (".png", ".jpg") and p not in styles)
+    (folder / "photos").mkdir(parents=True)
+    (folder / "styles").mkdir()
+    for i in range(photos):
+        image = Image.open(sources[i % len(sources)]).convert("RGB")
+        rw, rh = MIXED_SHAPES[i % len(MIXED_SHAPES)]
+        scale = min(image.width / rw, image.height / rh) * (0.6 + 0.4 * (i % 7) / 6)
+        w, h = int(rw * scale), int(rh * scale)
+        left, top = (image.width - w) * (i % 5) // 4, (image.height - h) * (i % 3) // 2
+        crop = image.crop((left, top, left + w, top + h))
+        crop.thumbnail((2 * size, 2 * size))
+        crop.save(folder / "photos" / f"p{i:03d}.png")
+    for path in styles[:2]:
+        ImageOps.contain(Image.open(path).convert("RGB"), (2 * size, 2 * size)).save(folder / "styles" / path.name)
+    first = Image.open(styles[0]).convert("RGB")
+    detail = first.crop((first.width // 2, 0, first.width, first.height // 2))
+    ImageOps.contain(detail, (2 * size, 2 * size)).save(folder / "styles" / "detail.png")
+    manifest = folder / "manifest.yaml"
+    manifest.write_text(
+        "version: 1\noutput: out\n"
+        f"defaults: {{size: {size}, iterations: {iterations}, scales: 1, precision: float32}}\n"
+        "grid:\n  contents: [photos/]\n  styles: [styles/]\n"
+    )
+    return manifest
+
+
+def mixed_child(data: str, workers: int, per_batch: int, iterations: int) -> None:
+    """Run the realistic catalog in this process (on whatever ``flows`` the path gives: this tree or
+    an older one) and print a JSON line: the engine's calls, images and busy seconds, wall time."""
+    import threading
+
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    from stylize.catalog import jobs
+
+    calls = {"calls": 0, "images": 0, "busy": 0.0}
+    lock, run_batch = threading.Lock(), jobs.Engine.run_batch
+
+    def counted(self, contents, *args, **kwargs):  # every batch the flow hands the engine, once
+        started = time.perf_counter()
+        try:
+            return run_batch(self, contents, *args, **kwargs)
+        finally:
+            with lock:
+                calls["calls"] += 1
+                calls["images"] += len(contents)
+                calls["busy"] += time.perf_counter() - started
+
+    jobs.Engine.run_batch = counted
+    from flows.catalog import stylize_catalog
+
+    with tempfile.TemporaryDirectory() as tmp:
+        warm = make_mixed_catalog(Path(tmp) / "warm", Path(data), photos=2, iterations=2)
+        stylize_catalog(manifest=str(warm), devices=["cpu"], workers=workers, images_per_batch=per_batch)
+        manifest = make_mixed_catalog(Path(tmp) / "run", Path(data), iterations=iterations)
+        calls.update(calls=0, images=0, busy=0.0)
+        load = os.getloadavg()[0]
+        started = time.perf_counter()
+        summary = stylize_catalog(manifest=str(manifest), devices=["cpu"], workers=workers,
+                                  images_per_batch=per_batch)
+        wall = time.perf_counter() - started
+    print(json.dumps({**calls, "wall": wall, "jobs": summary["counts"]["total"], "done": summary["counts"]["done"],
+                      "summary_utilization": summary.get("device_utilization"), "load_before": load,
+                      "load_after": os.getloadavg()[0]}))
+
+
+def run_mixed(args) -> None:
+    """The realistic catalog on this tree, and on ``--before`` when given; one row each."""
+    here = Path(__file__).resolve().parents[1]
+    trees = [("after", here)]
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.before:
+            old = Path(tmp) / "before"
+            old.mkdir()
+            archive = subprocess.run(["git", "-C", str(here), "archive", args.before], capture_output=True, check=True)
+            subprocess.run(["tar", "-x", "-C", str(old)], input=archive.stdout, check=True)
+            trees.insert(0, (f"before ({args.before})", old))
+        rows = []
+        for label, tree in trees:
+            command = [sys.executable, __file__, "--mixed-child", str(args.data), "--workers", str(args.workers),
+                       "--images-per-batch", str(args.images_per_batch), "--iterations", str(args.iterations)]
+            out = subprocess.run(command, capture_output=True, text=True, cwd=tmp,
+                                 env=dict(os.environ, PYTHONPATH=str(tree)))
+            if out.returncode != 0:
+                sys.exit(f"{label}: the realistic catalog failed:\n{out.stderr[-3000:]}")
+            rows.append((label, json.loads(out.stdout.strip().splitlines()[-1])))
+    print_mixed(rows, args)
+
+
+def print_mixed(rows: list[tuple[str, dict]], args) -> None:
+    """Occupancy, utilization and wall time per job, per tree, and the targets."""
+    print(f"realistic catalog: 120 photos in 6 shapes x 3 styles, 64 px, {args.iterations} iterations, "
+          f"{args.workers} CPU slots, images_per_batch {args.images_per_batch}")
+    print(f"{'code':<22} {'jobs':>5} {'batches':>8} {'img/batch':>9} {'occupancy':>9} {'utilization':>11} "
+          f"{'(summary)':>9} {'wall s':>7} {'s/job':>6} {'load':>9}")
+    for label, r in rows:
+        per_pass = r["images"] / r["calls"]
+        r["occupancy"] = per_pass / args.images_per_batch
+        r["utilization"] = r["busy"] / (r["wall"] * args.workers)
+        summary = "-" if r["summary_utilization"] is None else f"{r['summary_utilization']:.2f}"
+        print(f"{label:<22} {r['done']:>5} {r['calls']:>8} {per_pass:>9.2f} {r['occupancy']:>9.2f} "
+              f"{r['utilization']:>11.2f} {summary:>9} {r['wall']:>7.1f} {r['wall'] / r['jobs']:>6.3f} "
+              f"{r['load_before']:>4.1f}/{r['load_after']:<4.1f}")
+    last = rows[-1][1]
+    print(f"target occupancy >= 0.9: {'met' if last['occupancy'] >= 0.9 else 'NOT met'} ({last['occupancy']:.2f}); "
+          f"target utilization >= 0.95: {'met' if last['utilization'] >= 0.95 else 'NOT met'} "
+          f"({last['utilization']:.2f}); load: 1-minute load average before/after the run")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jobs", type=int, nargs="+", default=[200, 1000])
     parser.add_argument("--report-jobs", type=int, default=10_000, help="jobs of the synthesized output (0: skip)")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--report-child", help=argparse.SUPPRESS)
+    parser.add_argument("--mixed", action="store_true", help="the realistic catalog of mixed shapes (issue 15)")
+    parser.add_argument("--before", help="with --mixed: also run it on the code at this git revision")
+    shared = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    parser.add_argument("--data", type=Path, default=shared if shared.is_dir() else Path(__file__).parents[1] / "tests" / "data",
+                        help="where the photos and styles are cropped from (default: ../shared/data, else tests/data)")
+    parser.add_argument("--workers", type=int, default=2, help="with --mixed: CPU device slots")
+    parser.add_argument("--images-per-batch", type=int, default=4)
+    parser.add_argument("--iterations", type=int, default=12)
+    parser.add_argument("--mixed-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.mixed_child:
+        mixed_child(args.mixed_child, args.workers, args.images_per_batch, args.iterations)
+        return
+    if args.mixed:
+        run_mixed(args)
+        return
     if args.child:
         child(args.child)
         return

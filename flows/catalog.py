@@ -1,15 +1,19 @@
 """The ``stylize-catalog`` flow: stylize every pair of a manifest, one task per group of jobs.
 
-The flow expands the manifest lazily and keeps at most ``max_in_flight``
-jobs submitted at a time, so a catalog of 100,000 jobs never holds more
-than one window of tasks and memory does not grow with the jobs already
-finished. Each window splits into groups of 1 to ``images_per_batch`` jobs
-that share styles and settings, and each group is one ``stylize_jobs``
-task: it takes a free device slot (on a Dask task runner: the device of the
-worker that the scheduler chose, see ``flows/dask.py``), reads and decodes
-its jobs, optimizes their images together (one VGG19 pass for all), gives
-the device back and writes each job's outputs in a ``write_outputs`` task.
-A group of one is simply a small batch: there is one job path.
+The flow expands the manifest lazily and groups its jobs into batches that
+fill (``stylize.catalog.batching``): jobs that share styles and settings and
+whose photos have one output shape (sizes from the photos' headers), looked
+for over the next ``LOOKAHEAD`` jobs, not in manifest order. It keeps at most
+``max_in_flight`` jobs submitted and submits the next group as soon as one
+finishes (``stylize.catalog.scheduling``: no barrier, so devices do not wait
+for the slowest job of a window), so a catalog of 100,000 jobs holds a
+bounded number of tasks and waiting jobs, and memory does not grow with the
+jobs already finished. Each group of 1 to ``images_per_batch`` jobs is one
+``stylize_jobs`` task: it takes a free device slot (on a Dask task runner:
+the device of the worker that the scheduler chose, see ``flows/dask.py``),
+reads and decodes its jobs, optimizes their images together (one VGG19 pass
+for all), gives the device back and writes each job's outputs in a
+``write_outputs`` task. A group of one is simply a small batch: there is one job path.
 
 One retry policy, Prefect's: only transient storage errors are retried
 (``retry_delay`` sets the backoff), on the task where they happen. A write
@@ -30,6 +34,7 @@ job log, ``stylize.catalog.runs``, are what it is built from).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -38,8 +43,7 @@ import time
 from collections import deque
 from contextlib import nullcontext
 from datetime import datetime, timezone
-from itertools import islice
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Collection, Iterable, Iterator
 from urllib.parse import quote
 
 from prefect import Flow, flow, task
@@ -47,15 +51,17 @@ from prefect.artifacts import (create_link_artifact, create_markdown_artifact, c
                                create_table_artifact, update_progress_artifact)
 from prefect.cache_policies import NO_CACHE
 from prefect.context import get_run_context
-from prefect.futures import as_completed
+from prefect.futures import PrefectFuture, as_completed
 from prefect.tasks import exponential_backoff
 
 from stylize.errors import Cancelled, ConfigError, StylizeError, TransientStorageError
+from stylize.catalog.batching import SAME_SHAPE, group_jobs, header_shapes
 from stylize.catalog.jobs import Outcome, Prepared, batch_key, finish, guarded, prepare
 from stylize.catalog.manifest import Job, Manifest, in_shard, load_manifest, parse_shard, storage_for
 from stylize.catalog.progress import Iteration, JobFinished, RunStarted, emit
 from stylize.catalog.report import build_run_report
-from stylize.catalog.runs import JobLog, report_uri
+from stylize.catalog.runs import JobLog, device_utilization, format_utilization, report_uri
+from stylize.catalog.scheduling import sliding_window
 from stylize.catalog.storage import Storage, join, output_root
 from stylize.catalog.thumbnails import output_thumb
 
@@ -201,28 +207,22 @@ def _write(write, prepared: Prepared, result, storage: Storage) -> Outcome:
     return outcome
 
 
-def _groups(jobs: list[Job], per_batch: int) -> list[list[Job]]:
-    """Split a window of jobs into groups of up to ``per_batch`` sharing styles and settings:
-    each group is one ``stylize_jobs`` task, its images optimized together."""
-    by_key: dict[tuple, list[Job]] = {}
-    for job in jobs:
-        by_key.setdefault((job.styles, job.settings), []).append(job)
-    return [same[i:i + per_batch] for same in by_key.values() for i in range(0, len(same), per_batch)]
-
-
-def _images_per_batch(requested: int | None, slots: list[str] | None, jobs: list[Job]) -> int:
-    """The requested batch size, else what the first device's free memory allows for these jobs."""
+def _batch_sizes(requested: int | None, slots: list[str] | None) -> int | Callable[[Job], int]:
+    """Images per batch: the requested number, else per job what the first device's free memory
+    allows at its settings (asked once per settings)."""
     if requested:
         return requested
-    if not slots or not jobs:
+    if not slots:
         return 1
     from stylize.engine.hardware import max_batch, resolve_device, resolve_precision
 
     device = resolve_device(slots[0])
-    s = next((j.settings for j in jobs if j.settings is not None), None)  # refused jobs have none
-    if s is None:
-        return 1
-    return max_batch(device, s.size * s.size, resolve_precision(s.precision, device))
+
+    @functools.lru_cache(maxsize=64)
+    def for_settings(s) -> int:
+        return max_batch(device, s.size * s.size, resolve_precision(s.precision, device))
+
+    return lambda job: for_settings(job.settings)
 
 
 def _jobs(doc: Manifest, storage: Storage, settings, output, shard) -> Iterator[Job]:
@@ -235,13 +235,6 @@ def count_jobs(doc: Manifest, storage: Storage, settings, output, shard) -> int:
     """Expand the whole manifest once before any work: every naming problem surfaces now, and
     the progress bar gets its total. Holds one listing page at a time, not the jobs."""
     return sum(1 for _ in _jobs(doc, storage, settings, output, shard))
-
-
-def _windows(jobs: Iterable[Job], size: int) -> Iterator[list[Job]]:
-    """The jobs in windows of ``size``: what the flow keeps in flight at once."""
-    it = iter(jobs)
-    while window := list(islice(it, size)):
-        yield window
 
 
 class _Tally:
@@ -292,24 +285,24 @@ def stylize_catalog(
     ``["cuda:0", "cuda:1"]`` or ``["cpu"]``) and ``workers`` choose the device
     slots (default: every GPU, else one CPU worker); ``shard="i/n"`` runs the
     i-th of n disjoint parts; ``settings`` overrides engine settings for every
-    job. Two sizes, not to be confused: ``max_in_flight`` jobs are submitted
-    at a time (default 4 per device slot, at least 16), and of those up to
-    ``images_per_batch`` same-size jobs sharing styles and settings are
-    optimized together in one VGG19 pass (default: on the CPU 2 in float32
-    and 1 in bf16, from free memory on CUDA). A transient storage error is
-    retried 3 times, after about ``retry_delay`` x 1, 2 and 4 seconds
-    (jittered): a read by rerunning its group's task, a write by rerunning
-    only the writes. On Dask (``catalog_on_dask``) each job runs on a
+    job. Two sizes, not to be confused: ``max_in_flight`` jobs are in flight
+    (default 4 per device slot, at least 16; the next group goes as soon as
+    one finishes), and up to ``images_per_batch`` same-size jobs sharing
+    styles and settings are optimized together in one VGG19 pass (default:
+    on the CPU 2 in float32 and 1 in bf16, from free memory on CUDA). A
+    transient storage error is retried 3 times, after about ``retry_delay``
+    x 1, 2 and 4 s (jittered): a read by rerunning its group's task, a write
+    by rerunning only the writes. On Dask (``catalog_on_dask``) each job runs on a
     worker's GPU, and ``devices``/``workers`` are refused. Fails after every
     job has finished when more than ``max_failures`` failed. Returns the
     run summary.
     """
-    started = time.perf_counter()
-    began = datetime.now(timezone.utc)
+    started, began = time.perf_counter(), datetime.now(timezone.utc)
     shard_spec = parse_shard(shard) if shard else None
     dask = dask_client()
     slots = _device_slots(devices, workers, dask)
-    in_flight = max_in_flight or max(16, 4 * (len(slots) if slots else cluster_gpus(dask)))
+    slot_count = len(slots) if slots else cluster_gpus(dask)
+    in_flight = max_in_flight or max(16, 4 * slot_count)
     # Threads of this process see the event; on Dask the cluster cancels its own tasks.
     stop = threading.Event() if dask is None else None
     doc = load(manifest)
@@ -318,9 +311,9 @@ def stylize_catalog(
     emit(RunStarted(total))
     tally = _Tally(total, JobLog(storage, output_root(output or doc.output), str(get_run_context().flow_run.id)))
     try:
-        _run_windows(_jobs(doc, storage, settings, output, shard_spec), storage, tally,
-                     in_flight=in_flight, images_per_batch=images_per_batch, slots=slots,
-                     on_dask=dask is not None, stop=stop, retry_delay=retry_delay)
+        _run_jobs(_jobs(doc, storage, settings, output, shard_spec), storage, tally,
+                  in_flight=in_flight, images_per_batch=images_per_batch, slots=slots,
+                  on_dask=dask is not None, stop=stop, retry_delay=retry_delay)
     except BaseException:
         # Interrupted or failing: stop the running jobs at their next iteration, or the
         # task runner's shutdown would wait for each of them to finish.
@@ -329,7 +322,7 @@ def stylize_catalog(
         raise
 
     summary = _summary(tally, manifest, output or doc.output, shard, slots or [f"dask {dask.scheduler.address}"],
-                       max_failures, began, time.perf_counter() - started)
+                       slot_count, max_failures, began, time.perf_counter() - started)
     _publish(summary, tally, storage)
     if tally.counts["failed"] > max_failures:
         raise CatalogFailed(summary)
@@ -348,28 +341,43 @@ def _device_slots(devices: list[str] | None, workers: int | None, dask) -> list[
     return None
 
 
-def _run_windows(jobs: Iterable[Job], storage: Storage, tally: "_Tally", *, in_flight: int,
-                 images_per_batch: int | None, slots: list[str] | None, on_dask: bool,
-                 stop: threading.Event | None, retry_delay: float) -> None:
-    """Submit the jobs ``in_flight`` at a time, as groups of up to ``images_per_batch``, and tally
-    each outcome as its group finishes."""
+def _run_jobs(jobs: Iterable[Job], storage: Storage, tally: "_Tally", *, in_flight: int,
+             images_per_batch: int | None, slots: list[str] | None, on_dask: bool,
+             stop: threading.Event | None, retry_delay: float) -> None:
+    """Group the jobs into batches that fill (``group_jobs``: same styles and settings, photos of one
+    output shape, over a look-ahead of ``LOOKAHEAD`` jobs), keep ``in_flight`` jobs submitted and
+    submit the next group as soon as one finishes (``sliding_window``: no barrier); tally each
+    outcome as its group finishes."""
     progress_id = create_progress_artifact(progress=0.0, description="Jobs finished in this run")
     run = stylize_jobs.with_options(retry_delay_seconds=exponential_backoff(retry_delay))
-    for window in _windows(jobs, in_flight):
-        groups = _groups(window, _images_per_batch(images_per_batch, slots, window))
+    groups = group_jobs(jobs, _batch_sizes(images_per_batch, slots), shape_of=header_shapes(storage),
+                        min_fill=SAME_SHAPE)  # until Engine.run_batch pads mixed shapes
+
+    def submit(group: list[Job]):
         with job_resources() if on_dask else nullcontext():
-            futures = [run.submit(group, storage, slots, cancel=stop, retry_delay=retry_delay) for group in groups]
-        names = {f.task_run_id: [j.name for j in group] for f, group in zip(futures, groups)}
-        for future in as_completed(futures):
-            result = future.result(raise_on_failure=False)
-            if not isinstance(result, list):  # the task raised: retries exhausted
-                message = str(result) if isinstance(result, BaseException) else "task failed"
-                result = [Outcome(name, "failed", error=message) for name in names[future.task_run_id]]
-            for outcome in result:
-                tally.add(outcome)
-        del futures, names, groups
-        update_progress_artifact(progress_id, progress=100.0 * tally.finished / max(tally.total, 1))
+            return run.submit(group, storage, slots, cancel=stop, retry_delay=retry_delay)
+
+    shown = time.monotonic()
+    for future, group in sliding_window(groups, in_flight, submit, _first_done):
+        result = future.result(raise_on_failure=False)
+        if not isinstance(result, list):  # the task raised: retries exhausted
+            message = str(result) if isinstance(result, BaseException) else "task failed"
+            result = [Outcome(job.name, "failed", error=message) for job in group]
+        for outcome in result:
+            tally.add(outcome)
+        if time.monotonic() - shown >= PROGRESS_EVERY:
+            update_progress_artifact(progress_id, progress=100.0 * tally.finished / max(tally.total, 1))
+            shown = time.monotonic()
     update_progress_artifact(progress_id, progress=100.0)
+
+
+#: Seconds between updates of the progress artifact (one API call each).
+PROGRESS_EVERY = 2.0
+
+
+def _first_done(futures: Collection[PrefectFuture]) -> PrefectFuture:
+    """The first of ``futures`` to finish (one already finished, if any)."""
+    return next(as_completed(list(futures)))
 
 
 def catalog_on_dask(address: str = "local", *, n_workers: int | None = None) -> Flow:
@@ -378,7 +386,8 @@ def catalog_on_dask(address: str = "local", *, n_workers: int | None = None) -> 
     return stylize_catalog.with_options(task_runner=dask_task_runner(address, n_workers=n_workers))
 
 
-def _summary(tally: _Tally, manifest: str, output: str, shard, slots, max_failures, began, seconds) -> dict:
+def _summary(tally: _Tally, manifest: str, output: str, shard, slots, slot_count: int, max_failures, began,
+             seconds) -> dict:
     run_id = str(get_run_context().flow_run.id)
     return {
         "schema": "stylize.run/v1",
@@ -390,6 +399,8 @@ def _summary(tally: _Tally, manifest: str, output: str, shard, slots, max_failur
         "started": began.isoformat(),
         "seconds": round(seconds, 3),
         "engine_seconds": round(tally.engine_seconds, 3),
+        "device_slots": slot_count,
+        "device_utilization": device_utilization(tally.engine_seconds, seconds * slot_count),
         "counts": dict(tally.counts, total=tally.finished),
         "max_failures": max_failures,
         "failures": tally.failures,
@@ -415,7 +426,8 @@ def _publish(summary: dict, tally: _Tally, storage: Storage) -> None:
         f"- manifest: `{summary['manifest']}`",
         f"- output: `{summary['output']}`",
         f"- devices: {', '.join(summary['devices'])}",
-        f"- wall time: {summary['seconds']:.1f} s (engine {summary['engine_seconds']:.1f} s)",
+        f"- wall time: {summary['seconds']:.1f} s (engine {summary['engine_seconds']:.1f} s, "
+        f"device utilization {format_utilization(summary['device_utilization'])})",
         f"- summary: `{summary['summary_uri']}`",
     ]
     if tally.failures:

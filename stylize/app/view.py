@@ -15,6 +15,7 @@ import threading
 from typing import Any, Iterator
 
 from stylize.catalog import progress
+from stylize.catalog.runs import format_utilization
 
 
 def quiet_prefect() -> None:
@@ -133,10 +134,10 @@ class ProgressView:
         console = Console()
         c = summary["counts"]
         table = Table(title=f"stylize run: {summary['manifest']}", show_header=True)
-        for column in ("done", "skipped", "failed", "total", "seconds"):
+        for column in ("done", "skipped", "failed", "total", "seconds", "device utilization"):
             table.add_column(column, justify="right")
         table.add_row(str(c["done"]), str(c["skipped"]), str(c["failed"]), str(c["total"]),
-                      f"{summary['seconds']:.1f}")
+                      f"{summary['seconds']:.1f}", format_utilization(summary.get("device_utilization")))
         console.print(table)
         # soft_wrap: one line per failure however long (the terminal folds it, rich does not
         # break it), so the lines can be read, grepped and counted.

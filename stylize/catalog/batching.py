@@ -26,6 +26,7 @@ header says nothing groups with the others of unknown shape.
 
 from __future__ import annotations
 
+import functools
 import io
 import warnings
 from collections import deque
@@ -39,7 +40,8 @@ from stylize.catalog.storage import Storage
 from stylize.engine.images import fit_size
 from stylize.errors import Cancelled, StorageError
 
-__all__ = ["LOOKAHEAD", "MIN_FILL", "HEAD_BYTES", "image_size", "output_shape", "padded_fill", "group_jobs"]
+__all__ = ["LOOKAHEAD", "MIN_FILL", "SAME_SHAPE", "HEAD_BYTES", "SHAPE_CACHE", "image_size", "header_shapes",
+           "output_shape", "padded_fill", "group_jobs"]
 
 #: Jobs that may wait for a batch to fill. 1,024 jobs are about a megabyte; a catalog with a few dozen
 #: (style, shape) combinations fills batches of 4 to 16 well within it.
@@ -47,6 +49,10 @@ LOOKAHEAD = 1024
 #: Least share of a padded batch's pixels that belong to its images. 4:3, 3:2 and 16:9 photos together
 #: fill 0.88 of their 4:3 box; a landscape with a portrait fills at most 0.75 of a square.
 MIN_FILL = 0.8
+#: ``min_fill`` that lets only jobs of one output shape share a batch (no padding at all).
+SAME_SHAPE = 1.0
+#: Photos whose sizes ``header_shapes`` remembers: a grid names each photo once per style, in a row.
+SHAPE_CACHE = 4096
 #: Bytes read to find an image's size: PNG, GIF and WebP say it in the first 30; a JPEG after its
 #: EXIF block, which camera thumbnails can make 60 KiB long.
 HEAD_BYTES = 96 * 1024
@@ -72,6 +78,13 @@ def image_size(storage: Storage, uri: str) -> Shape | None:
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError):
         return None
     return (h, w) if rotated else (w, h)
+
+
+def header_shapes(storage: Storage, cache: int = SHAPE_CACHE) -> Callable[[Job], Shape | None]:
+    """``shape_of`` for ``group_jobs``: each job's photo size from its header (``image_size``), the
+    last ``cache`` photos remembered, so a photo with several styles is read once."""
+    sizes = functools.lru_cache(maxsize=cache)(lambda uri: image_size(storage, uri))
+    return lambda job: sizes(job.content)
 
 
 def output_shape(job: Job, size: Shape | None) -> Shape | None:

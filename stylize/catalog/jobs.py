@@ -57,7 +57,9 @@ class Outcome:
     job: str
     status: Status
     seconds: float = 0.0  # wall time of the whole job, I/O included
-    engine_seconds: float = 0.0  # time inside the optimization
+    # Its share of the device: its batch's time inside the optimization over the images in the batch,
+    # so that a run's jobs add up to the devices' busy time (``runs.device_utilization``).
+    engine_seconds: float = 0.0
     output: str | None = None
     error: str | None = None
     final: dict[str, float] = field(default_factory=dict)  # last record's losses
@@ -250,7 +252,7 @@ class JobRunner:
 
         began = datetime.now(timezone.utc)
         for p in batch:
-            p.began = began
+            p.began, p.batch = began, len(batch)
         hook = None if callback is None else (lambda i, record: callback(batch[i], record))
 
         def run(s):
@@ -312,6 +314,7 @@ class Prepared:
     started: float  # perf_counter at the start of the job
     began: datetime | None = None  # wall clock when the optimization started
     retried_at_size: int | None = None  # set when the job ran out of device memory and ran smaller
+    batch: int = 1  # images that shared its optimization (VGG19 passes), set by compute_batch
 
 
 def guarded(job: Job, started: float, step: Callable[[], Any]) -> Any:
@@ -385,6 +388,7 @@ def finish(prepared: Prepared, result, storage: Storage, *, thumbnails: bool = T
     )
     meta["engine"] = {"precision": result.precision, "sizes": [list(s) for s in result.sizes],
                       "stopped_early": result.stopped_early, "seconds": round(result.seconds, 3),
+                      "batch": prepared.batch,  # images that shared its VGG19 passes (and those seconds)
                       # per level: tile core (None: whole image), halo, L-BFGS history, memory estimate and budget
                       "levels": result.memory, "peak_memory_bytes": result.peak_memory}
     if prepared.retried_at_size is not None:
@@ -394,7 +398,8 @@ def finish(prepared: Prepared, result, storage: Storage, *, thumbnails: bool = T
     storage.write(prepared.metadata_uri, metadata.encode(meta), content_type="application/json")
     last = result.records[-1]
     return Outcome(
-        job.name, "done", time.perf_counter() - prepared.started, result.seconds, output=prepared.image_uri,
+        job.name, "done", time.perf_counter() - prepared.started, result.seconds / prepared.batch,
+        output=prepared.image_uri,
         final={"total": last.total, "content": last.content, "style": last.style, "tv": last.tv},
         iterations=last.iteration,
     )

@@ -32,7 +32,7 @@ from urllib.parse import quote
 
 from stylize import __version__
 from stylize.catalog import metadata, runs
-from stylize.catalog.runs import Problems
+from stylize.catalog.runs import Problems, device_utilization, format_utilization, slot_seconds
 from stylize.catalog.storage import Storage, child, is_s3, local_path, split_s3
 from stylize.errors import ConfigError, NotFoundError
 
@@ -325,19 +325,17 @@ def _when(stamp: Any) -> str:
 def run_totals(summaries: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Counts, wall and engine time, device use and throughput over run summaries."""
     counts = {"done": 0, "skipped": 0, "failed": 0}
-    wall = engine = device_seconds = 0.0
+    wall = engine = slots = 0.0
     for s in summaries:
         c = s.get("counts") if isinstance(s.get("counts"), Mapping) else {}
         for key in counts:
             counts[key] += int(c.get(key) or 0) if _is_number(c.get(key)) else 0
-        seconds = _number(s.get("seconds")) or 0.0
-        devices = s.get("devices") if isinstance(s.get("devices"), list) else []
-        wall += seconds
+        wall += _number(s.get("seconds")) or 0.0
         engine += _number(s.get("engine_seconds")) or 0.0
-        device_seconds += seconds * max(1, len(devices))
+        slots += slot_seconds(s)
     return {
         **counts, "wall": wall, "engine": engine,
-        "utilization": engine / device_seconds if device_seconds else None,
+        "utilization": device_utilization(engine, slots),
         "per_hour": counts["done"] / wall * 3600 if wall else None,
     }
 
@@ -405,7 +403,7 @@ def _environment():
                       undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     env.filters["duration"] = _duration
     env.filters["when"] = _when
-    env.filters["percent"] = lambda v: "-" if v is None else f"{100 * v:.0f}%"
+    env.filters["utilization"] = format_utilization
     env.filters["rate"] = lambda v: "-" if v is None else f"{v:,.0f}" if v >= 10 else f"{v:.2g}"
     return env
 

@@ -23,7 +23,8 @@ from stylize.catalog.thumbnails import THUMBS
 from stylize.errors import NotFoundError, StorageError
 
 __all__ = ["RUNS", "RUN_SCHEMA", "JOBS_SCHEMA", "JobLog", "Problems", "summary_uri", "report_uri", "job_log_uri",
-           "read_json", "metadata_files", "read_many", "read_job_log", "list_runs"]
+           "read_json", "metadata_files", "read_many", "read_job_log", "list_runs", "device_utilization",
+           "format_utilization", "slot_seconds"]
 
 RUNS = "_runs"
 RUN_SCHEMA = "stylize.run/v1"
@@ -33,6 +34,28 @@ CHUNK = 500
 READ_AHEAD = 64  # JSON files read concurrently by read_many
 log = logging.getLogger(__name__)
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def device_utilization(engine_seconds: float, slot_seconds: float) -> float | None:
+    """The share of the devices' time spent optimizing: engine seconds (each batch counted once,
+    see ``Outcome.engine_seconds``) over wall seconds times device slots; None for no time."""
+    return round(engine_seconds / slot_seconds, 4) if slot_seconds > 0 else None
+
+
+def slot_seconds(summary: dict[str, Any]) -> float:
+    """A run summary's wall seconds times its device slots (``device_slots``; older summaries: one
+    per entry of ``devices``), the denominator of ``device_utilization``."""
+    slots = summary.get("device_slots")
+    if not isinstance(slots, int) or isinstance(slots, bool):
+        devices = summary.get("devices")
+        slots = max(1, len(devices)) if isinstance(devices, list) else 1
+    seconds = summary.get("seconds")
+    return float(seconds) * slots if isinstance(seconds, (int, float)) and not isinstance(seconds, bool) else 0.0
+
+
+def format_utilization(value: float | None) -> str:
+    """``device_utilization`` as the terminal, the artifacts and the report show it: ``87%``."""
+    return "-" if value is None else f"{100 * value:.0f}%"
 
 
 def summary_uri(root: str, run_id: str) -> str:
