@@ -47,13 +47,25 @@ def test_core_must_be_a_multiple_of_the_stride(core):
         plan_tiles(200, 200, core, Settings().style_layers)
 
 
-def whole_and_tiled(s: Settings, x: torch.Tensor, content: torch.Tensor, style: torch.Tensor, core: int):
-    """(losses, gradient) of the untiled reference (autograd) and of the tiled objective."""
+def blended_grams(model, styles: list[torch.Tensor], s: Settings) -> dict[str, torch.Tensor]:
+    """{layer: (1, c, c)} Grams of several style images mixed by ``s.style_blend`` (default equal)."""
+    out: dict[str, torch.Tensor] = {}
+    for style, w in zip(styles, s.blend(len(styles))):
+        for n, f in run_features(model, style, s.style_layers, torch.float32, True).items():
+            out[n] = out[n] + w * gram(f) if n in out else w * gram(f)
+    return out
+
+
+def whole_and_tiled(s: Settings, x: torch.Tensor, content: torch.Tensor, style, core: int):
+    """(losses, gradient) of the untiled reference (autograd) and of the tiled objective.
+
+    ``style`` is one style image or a list of them (blended by ``s.style_blend``).
+    """
     engine = Engine("cpu")
     model, dtype = engine.features(s), engine.dtype(s)
     rgb_content = content.expand(-1, 3, -1, -1)
     content_feats = run_features(model, rgb_content, s.content_layers, dtype, True)
-    grams = {n: gram(f) for n, f in run_features(model, style, s.style_layers, dtype, True).items()}
+    grams = blended_grams(model, style if isinstance(style, list) else [style], s)
     objective = Objective(model, s, content_feats, grams, dtype, True, fused=False)
     ref_x = x.clone().requires_grad_(True)
     _total, ref_content, ref_style, _tv = objective(ref_x)
@@ -78,6 +90,10 @@ def assert_rel_close(ours: torch.Tensor, ref: torch.Tensor, tol: float):
     assert err <= tol, f"relative error {err:.3g} > {tol}"
 
 
+def style_image(name: str, w: int, h: int) -> torch.Tensor:
+    return images.to_tensor(images.resize(Image.open(DATA / name).convert("RGB"), (w, h)))
+
+
 def sample(h: int, w: int, channels: int = 3, batch: int = 1, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
     photo = images.to_tensor(images.resize(Image.open(DATA / "chelsea.png").convert("RGB"), (w, h)))
@@ -85,8 +101,7 @@ def sample(h: int, w: int, channels: int = 3, batch: int = 1, seed: int = 0):
     if channels == 1:
         content = images.rgb_to_yiq(content)[:, :1]
     x = (content + 0.1 * torch.randn(content.shape, generator=gen)).clamp(0, 1)
-    style = images.to_tensor(images.resize(Image.open(DATA / "starry_night.jpg").convert("RGB"), (176, 144)))
-    return x, content, style
+    return x, content, style_image("starry_night.jpg", 176, 144)
 
 
 CASES = {
@@ -113,15 +128,56 @@ def test_tiled_equals_untiled(case):
     assert g.abs().sum() > 0
 
 
-def test_tiled_luminance_batch_of_two():
-    """Colour preservation optimizes luminance (one channel); a batch keeps each image's gradient apart."""
-    s = Settings(size=192, precision="float32", preserve_color=True)
+def test_tiled_several_styles():
+    """Two paintings blended 0.7/0.3 (a Gram per painting, then mixed): still the same loss and gradient."""
+    s = Settings(size=240, precision="float32", style_blend=(0.7, 0.3))
+    x, content, starry = sample(208, 240)
+    shipwreck = style_image("shipwreck.jpg", 192, 128)
+    (ref_c, ref_s, ref_g), (c, st, g) = whole_and_tiled(s, x, content, [starry, shipwreck], core=96)
+    torch.testing.assert_close(c, ref_c, rtol=1e-5, atol=0)
+    torch.testing.assert_close(st, ref_s, rtol=1e-5, atol=0)
+    assert_rel_close(g, ref_g, GRAD_TOL)
+    # The blend matters: starry night alone is a different objective.
+    (_, alone, _), _ = whole_and_tiled(Settings(size=240, precision="float32"), x, content, starry, core=96)
+    assert (alone - ref_s).abs().max() > 1e-3 * ref_s.abs().max()
+
+
+@pytest.mark.parametrize("styles", [1, 2])
+def test_tiled_luminance_batch_of_two(styles):
+    """Colour preservation optimizes luminance (one channel) against luminance Grams, with one style or
+    two blended; a batch keeps each image's gradient apart."""
+    s = Settings(size=192, precision="float32", preserve_color=True, style_blend=(0.5,) * styles)
     x, content, style = sample(160, 192, channels=1, batch=2)
     x[1] = x[1].flip(-1)
-    (ref_c, ref_s, ref_g), (c, st, g) = whole_and_tiled(s, x, content, style, core=64)
+    paintings = [style, style_image("shipwreck.jpg", 144, 112)][:styles]
+    luminance = [images.rgb_to_yiq(p)[:, :1].expand(-1, 3, -1, -1) for p in paintings]  # as StyleTargets does
+    (ref_c, ref_s, ref_g), (c, st, g) = whole_and_tiled(s, x, content, luminance, core=64)
     assert g.shape == (2, 1, 160, 192)
     torch.testing.assert_close(c, ref_c, rtol=1e-5, atol=0)
     torch.testing.assert_close(st, ref_s, rtol=1e-5, atol=0)
+    assert_rel_close(g, ref_g, GRAD_TOL)
+
+
+def test_objective_with_tiles_adds_total_variation():
+    """Objective(tiles=...) is what a tiled level runs: its total, TV included, and gradient equal the
+    whole-image objective's."""
+    s = Settings(size=192, precision="float32", tv_weight=1e7)  # TV ~ 2e5 of a 1.6e6 total
+    x, content, style = sample(160, 192)
+    engine = Engine("cpu")
+    model = engine.features(s)
+    feats = run_features(model, content, s.content_layers, torch.float32, True)
+    grams = blended_grams(model, [style], s)
+    plan = plan_tiles(160, 192, 64, s.content_layers + s.style_layers)
+    out = {}
+    for name, tiles in (("whole", None), ("tiled", plan)):
+        xs = x.clone().requires_grad_(True)
+        total, _c, _s, tv = Objective(model, s, feats, grams, torch.float32, True, fused=False, tiles=tiles)(xs)
+        total.sum().backward()
+        out[name] = (total.detach(), tv.detach(), xs.grad)
+    (ref_total, ref_tv, ref_g), (total, tv, g) = out["whole"], out["tiled"]
+    assert tv.item() > 0.01 * total.item()  # TV is a real part of the total here
+    torch.testing.assert_close(tv, ref_tv, rtol=1e-6, atol=0)
+    torch.testing.assert_close(total, ref_total, rtol=1e-5, atol=0)
     assert_rel_close(g, ref_g, GRAD_TOL)
 
 
