@@ -61,3 +61,42 @@ def test_print_schedule():
     assert [max(wh) for wh in level_sizes(4000, 3000, s)] == [512, 1024, 2048, 4096]
     assert [level_iterations(n, s) for n in (512, 1024, 2048, 4096)] == [400, 400, 100, 25]
     assert level_iterations(4096, Settings(iterations=20)) == 5
+
+
+def test_8192_px_is_refused_by_max_pixels_before_any_work(tmp_path, capsys, monkeypatch):
+    """8192 px is over the default max_pixels (4096 x 4096): refused by that explicit limit, with one line
+    naming it, before an engine is built or an image decoded; never by running out of memory."""
+    from pathlib import Path
+
+    from pydantic import ValidationError
+
+    from stylize.app.cli import main
+    from stylize.engine import optimize
+
+    with pytest.raises(ValidationError, match=r"size 8192 .* max_pixels=16777216; use size <= 4096"):
+        Settings(size=8192)
+    monkeypatch.setattr(optimize.Engine, "__init__", lambda *a, **k: pytest.fail("an engine was built"))
+    data = Path(__file__).parent / "data"
+    out = tmp_path / "print.png"
+    code = main(["image", str(data / "chelsea.png"), str(data / "starry_night.jpg"), "--size", "8192", "-o", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code in (1, 2) and len(err.splitlines()) == 1, err
+    assert "max_pixels" in err and "8192" in err
+    assert not out.exists()
+
+
+def test_8192_px_with_max_pixels_raised_is_refused_by_the_budget_before_any_work():
+    """Raising max_pixels moves the limit to max_memory: the engine plans every level first and refuses a
+    budget that cannot hold the top one, naming it, before the first iteration of the coarsest level."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    from stylize.engine.optimize import Engine
+
+    photo = Image.open(Path(__file__).parent / "data" / "chelsea.png").convert("RGB")
+    calls = []
+    s = Settings(size=8192, max_pixels=8192 * 8192, max_memory="6GiB", iterations=1)
+    with pytest.raises(ResourceError, match=r"max_memory: a 8192x\d+ px output needs at least .*raise max_memory"):
+        Engine("cpu").run(photo, [photo], s, callback=calls.append)
+    assert calls == []
