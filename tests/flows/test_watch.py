@@ -41,15 +41,18 @@ def env(s3_server, monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
 
 
-def notify(s3, sqs, bucket: str, visibility: int = 30) -> str:
-    """A fresh queue that receives the bucket's ObjectCreated notifications; returns its URL.
-    A received message comes back after ``visibility`` seconds unless deleted."""
+def notify(s3, sqs, bucket: str, visibility: int = 30, prefix: str | None = None) -> str:
+    """A fresh queue that receives the bucket's ObjectCreated notifications (only for keys under
+    ``prefix``, if given); returns its URL. A received message comes back after ``visibility``
+    seconds unless deleted."""
     url = sqs.create_queue(QueueName=f"stylize-{uuid.uuid4().hex[:12]}",
                            Attributes={"VisibilityTimeout": str(visibility)})["QueueUrl"]
     arn = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    config = {"QueueArn": arn, "Events": ["s3:ObjectCreated:*"]}
+    if prefix is not None:
+        config["Filter"] = {"Key": {"FilterRules": [{"Name": "prefix", "Value": prefix}]}}
     s3.put_bucket_notification_configuration(Bucket=bucket, NotificationConfiguration={
-        "QueueConfigurations": [{"QueueArn": arn, "Events": ["s3:ObjectCreated:*"]}],
-    })
+        "QueueConfigurations": [config]})
     return url
 
 
@@ -234,6 +237,41 @@ def test_an_image_run_that_stops_short_frees_its_key_and_raises(s3, bucket, s3_s
     with pytest.raises(RunNotFinished, match="ended FAILED before its jobs ran"):
         InProcessRuns(ledger).start(request)
     assert ledger.claim(request)  # free again: a redelivery runs it
+
+
+@pytest.mark.parametrize("kind", ["manifest", "images"])
+def test_a_run_that_stops_short_keeps_its_messages_until_a_run_covers_them(
+        kind, s3, sqs, bucket, s3_server, env, image_bytes, tmp_path):
+    # The run computes and writes its job, then cannot write its summary (S3 answers 503, and
+    # max_attempts 0 means no botocore retry): it stopped short, so its notification stays.
+    put_inputs(s3, bucket, image_bytes, photos=())
+    # Only the watched keys notify: the run's own writes would crowd the queue we count.
+    queue = notify(s3, sqs, bucket, prefix="manifests/" if kind == "manifest" else "photos/")
+    ledger = RunLedger(str(tmp_path / "started.sqlite3"))
+    with FaultProxy(s3_server, kinds=("503",), methods=("PUT",), path=r"/out/_runs/[^/]+\.json$") as proxy:
+        storage = {"endpoint_url": proxy.url, "region": "us-east-1", "max_attempts": 0}
+        if kind == "manifest":
+            put(s3, bucket, "photos/cat.png", image_bytes("png", size=(32, 24), color=(40, 90, 200)))
+            routes = Routes(manifest_prefix=f"s3://{bucket}/manifests/")
+            put_manifest(s3, bucket, s3_server, "manifests/one.yaml", "out", pairs=cat_pair(bucket), storage=storage)
+        else:
+            grid = {"contents": [f"s3://{bucket}/photos/"], "styles": [f"s3://{bucket}/styles/starry.jpg"]}
+            standing = put_manifest(s3, bucket, s3_server, "manifests/catalog.yaml", "out", grid=grid,
+                                    storage=storage).uri
+            routes = Routes(images_prefix=f"s3://{bucket}/photos/", standing_manifest=standing)
+            put(s3, bucket, "photos/cat.png", image_bytes("png", size=(32, 24), color=(40, 90, 200)))
+        w = watcher(queue, sqs, routes, InProcessRuns(ledger), debounce=0, retry_after=1)
+        poll_until(w, lambda: proxy.faults, 240, "the first run to stop short")  # a run is one poll
+        assert in_queue(sqs, queue) == 1  # kept: SQS delivers it again
+        assert summaries(s3, bucket, "out") == []
+        keys = {o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="out/")["Contents"]}
+        assert {"out/cat__starry.png", "out/cat__starry.json"} <= keys  # the job itself went through
+
+        proxy.rate = 0  # S3 is back: the redelivered notification runs again and is deleted
+        poll_until(w, lambda: in_queue(sqs, queue) == 0, 240, "the redelivered notification's run")
+    [run] = summaries(s3, bucket, "out")
+    assert run["counts"] == {"done": 0, "skipped": 1, "failed": 0, "total": 1}
+    assert len(proxy.faults) == 1  # one failed summary write, and one run that stopped short
 
 
 def test_sigterm_during_a_stalled_upload_frees_the_key_so_the_redelivered_message_runs(
