@@ -15,7 +15,7 @@ from pathlib import Path
 
 import boto3
 import pytest
-from faults import FaultProxy, cli_env, kill
+from faults import FaultProxy, cli_env, kill, wait_until
 
 from flows.catalog import stylize_catalog
 from flows.watch import DeploymentRuns, InProcessRuns, RunNotFinished, Watcher, check_standing_manifest
@@ -274,36 +274,90 @@ def test_a_run_that_stops_short_keeps_its_messages_until_a_run_covers_them(
     assert len(proxy.faults) == 1  # one failed summary write, and one run that stopped short
 
 
-def test_sigterm_during_a_stalled_upload_frees_the_key_so_the_redelivered_message_runs(
-        s3, sqs, bucket, s3_server, env, image_bytes, tmp_path):
+def start_watch(queue: str, bucket: str, state: Path, env: dict[str, str], log: Path) -> subprocess.Popen:
+    """``stylize watch`` of the bucket's manifests, in-process runs, as a child process."""
+    with open(log, "wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "stylize.app.cli", "watch", "--queue-url", queue, "--manifest-prefix",
+             f"s3://{bucket}/manifests/", "--state-dir", str(state), "--wait-seconds", "1"],
+            env=env, stdout=out, stderr=subprocess.STDOUT, cwd=Path(__file__).parent.parent.parent)
+
+
+def interrupt(process: subprocess.Popen, sig: int, proxy: FaultProxy, log: Path) -> None:
+    """Send ``sig``; the watcher must end within 10 s with 128 + sig, sending nothing more to S3."""
+    signalled = time.monotonic()
+    try:
+        seconds = kill(process, sig, timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(30)
+    after = [(method, path) for t, method, path in proxy.seen if t > signalled]
+    assert process.returncode == 128 + sig, log.read_text()[-3000:]
+    assert seconds < 10, f"{signal.Signals(sig).name} took {seconds:.1f} s to end the watcher"
+    assert after == [], f"storage requests after the signal: {after}"
+    assert "Traceback" not in log.read_text(), log.read_text()[-3000:]
+
+
+def started_keys(ledger: Path) -> list:
+    with sqlite3.connect(ledger) as db:
+        return db.execute("SELECT key FROM started").fetchall()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_an_interrupt_during_a_stalled_upload_frees_the_key_so_the_redelivered_message_runs(
+        sig, s3, sqs, bucket, s3_server, env, image_bytes, tmp_path):
     put_inputs(s3, bucket, image_bytes)
-    queue = notify(s3, sqs, bucket, visibility=2)
+    queue = notify(s3, sqs, bucket, visibility=2, prefix="manifests/")
     ledger = tmp_path / "state" / "started-runs.sqlite3"
-    # The watcher's run stalls on its first image upload; SIGTERM arrives while it hangs.
+    log = tmp_path / "watch.log"
+    # The watcher's run stalls on its first image upload; the signal arrives while it hangs (the
+    # watchdog ends the process, freeing the key first: unwinding would wait on the hung PUT).
     with FaultProxy(s3_server, kinds=("stall",), methods=("PUT",), path=r"/out/[^/_][^/]*\.png$", limit=1,
                     stall_seconds=120) as proxy:
         put_manifest(s3, bucket, proxy.url, "manifests/one.yaml", "out", pairs=cat_pair(bucket))
-        log = tmp_path / "watch.log"
-        with open(log, "wb") as out:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "stylize.app.cli", "watch", "--queue-url", queue, "--manifest-prefix",
-                 f"s3://{bucket}/manifests/", "--state-dir", str(ledger.parent), "--wait-seconds", "1"],
-                env=cli_env(tmp_path / "prefect", AWS_ENDPOINT_URL=s3_server), stdout=out,
-                stderr=subprocess.STDOUT, cwd=Path(__file__).parent.parent.parent)
-        proxy.wait_for_fault(timeout=240)
-        seconds = kill(process, signal.SIGTERM, timeout=60)
-        assert process.returncode == 143, log.read_text()[-3000:]
-        assert seconds < 10, f"SIGTERM took {seconds:.1f} s to end the watcher"
-        with sqlite3.connect(ledger) as db:
-            assert db.execute("SELECT key FROM started").fetchall() == []  # the key was freed
+        process = start_watch(queue, bucket, ledger.parent, cli_env(tmp_path / "prefect", AWS_ENDPOINT_URL=s3_server),
+                              log)
+        try:
+            proxy.wait_for_fault(timeout=240)
+        finally:
+            interrupt(process, sig, proxy, log)
+        assert started_keys(ledger) == []  # the key was freed
         assert in_queue(sqs, queue) == 1  # and the message kept
 
         # SQS delivers it again (after 2 s here) to a new watcher, and this time the run goes through.
         w = watcher(queue, sqs, Routes(manifest_prefix=f"s3://{bucket}/manifests/"),
                     InProcessRuns(RunLedger(str(ledger))))
-        poll_until(w, lambda: in_queue(sqs, queue) == 0, 60, "the redelivered message's run")
+        poll_until(w, lambda: in_queue(sqs, queue) == 0, 120, "the redelivered message's run")
     [run] = summaries(s3, bucket, "out")
     assert run["counts"] == {"done": 1, "skipped": 0, "failed": 0, "total": 1}
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="out/")["Contents"]}
+    assert {"out/cat__starry.png", "out/cat__starry.json"} <= keys
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_an_interrupt_while_computing_frees_the_key_and_keeps_the_message(
+        sig, s3, sqs, bucket, s3_server, env, image_bytes, tmp_path):
+    # Here nothing hangs: the run unwinds (Prefect's own SIGTERM handler is in place during a
+    # flow run), the job stops at its next iteration, and the key is freed on the way out.
+    put_inputs(s3, bucket, image_bytes)
+    queue = notify(s3, sqs, bucket, prefix="manifests/")
+    ledger = tmp_path / "state" / "started-runs.sqlite3"
+    log = tmp_path / "watch.log"
+    with FaultProxy(s3_server, rate=0) as proxy:  # no faults: it records the run's requests
+        put_manifest(s3, bucket, proxy.url, "manifests/long.yaml", "out", pairs=cat_pair(bucket),
+                     defaults=dict(FAST, iterations=5000, save_every=1))
+        process = start_watch(queue, bucket, ledger.parent, cli_env(tmp_path / "prefect", AWS_ENDPOINT_URL=s3_server),
+                              log)
+        try:
+            wait_until(lambda: any(".iter" in path for _, _, path in proxy.seen), 240,
+                       "the run's first snapshot", process)
+            assert len(started_keys(ledger)) == 1
+        finally:
+            interrupt(process, sig, proxy, log)
+    assert started_keys(ledger) == []
+    assert in_queue(sqs, queue) == 1
+    assert summaries(s3, bucket, "out") == []
 
 
 # --- through the Prefect API -------------------------------------------------------------
