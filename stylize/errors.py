@@ -65,3 +65,7 @@ class ManifestError(StylizeError):
 
 class PrefectApiError(StylizeError):
     """The Prefect API could not be reached or refused a request."""
+
+
+class OverwriteError(StylizeError):
+    """An output would replace one of the job's inputs, or a file that stylize did not write."""

@@ -8,7 +8,8 @@ from datetime import datetime, timedelta, timezone
 
 import stylize
 from stylize.catalog.manifest import Job
-from stylize.catalog.metadata import SCHEMA, build_metadata, encode, is_complete, job_key, read_metadata, sha256
+from stylize.catalog.metadata import (SCHEMA, build_metadata, encode, is_complete, job_key, output_record,
+                                     pending_metadata, read_metadata, sha256)
 from stylize.engine.settings import Settings
 from stylize.catalog.storage import Storage
 
@@ -40,12 +41,12 @@ def key_for(job: Job, content: bytes, style: bytes) -> str:
 
 def finish(storage: Storage, job: Job, key: str, image: bytes) -> dict:
     """Write the image and its metadata as a finished job would."""
-    storage.write(job.image_uri, image)
+    info = storage.write(job.image_uri, image)
     meta = build_metadata(
         job=job, key=key,
         inputs={"content": {"uri": job.content, "sha256": "c" * 64, "size": 10},
                 "styles": [{"uri": job.styles[0], "sha256": "s" * 64, "size": 20}]},
-        output_uri=job.image_uri, output_size=len(image), device="cpu",
+        output=output_record(job.image_uri, image, info.etag), device="cpu",
         versions={"stylize": stylize.__version__}, started=STARTED,
         finished=STARTED + timedelta(seconds=1.5), records=[Record(0, 0, 3.0, 1.0, 1.5, 0.5, 0.1)],
     )
@@ -80,12 +81,13 @@ def test_build_metadata_document():
     finished = datetime(2026, 3, 1, 13, 0, 2, 500000, tzinfo=timezone(timedelta(hours=1)))
     meta = build_metadata(
         job=job, key="k" * 64, inputs={"content": {"uri": "c", "sha256": "x", "size": 1}, "styles": [{"uri": "s", "sha256": "y", "size": 2}]},
-        output_uri=job.image_uri, output_size=123, device="cuda:0", versions={"torch": "2.4"},
+        output=output_record(job.image_uri, b"x" * 123), device="cuda:0", versions={"torch": "2.4"},
         started=naive_start, finished=finished, records=records,
     )
     assert meta["schema"] == SCHEMA and meta["job"] == "a/cat__starry_night" and meta["key"] == "k" * 64
     assert meta["settings"] == job.settings.model_dump(mode="json") and meta["settings"]["size"] == 256
-    assert meta["output"] == {"uri": "/out/a/cat__starry_night.png", "size": 123}
+    assert meta["output"] == {"uri": "/out/a/cat__starry_night.png", "size": 123, "sha256": sha256(b"x" * 123),
+                              "md5": "61bed25f0c0c3f35c30a105ae12e96ef"}
     assert meta["inputs"]["styles"][0]["size"] == 2
     assert (meta["device"], meta["versions"]) == ("cuda:0", {"torch": "2.4"})
     assert meta["started"] == "2026-03-01T12:00:00Z" and meta["finished"] == "2026-03-01T12:00:02.500000Z"
@@ -121,6 +123,19 @@ def check_completeness(storage: Storage, output: str, image: bytes) -> None:
 
     storage.write(job.image_uri, image + b"truncated?")  # not the image the metadata describes
     assert not is_complete(storage, job, key)
+    finish(storage, job, key, image)
+    swapped = bytes(reversed(image))  # same size, other bytes: only the checksum tells
+    storage.write(job.image_uri, swapped)
+    assert not is_complete(storage, job, key)
+    storage.write(job.image_uri, image)  # the very image again (a new S3 object, the same bytes)
+    assert is_complete(storage, job, key)
+
+    meta = read_metadata(storage, job.metadata_uri)
+    legacy = {**meta, "output": {"uri": meta["output"]["uri"], "size": meta["output"]["size"]}}
+    storage.write(job.metadata_uri, encode(legacy))  # metadata without a checksum proves nothing
+    assert not is_complete(storage, job, key)
+    storage.write(job.metadata_uri, encode(pending_metadata(job.name, job.image_uri)))
+    assert not is_complete(storage, job, key)
 
     finish(storage, job, key, image)
     meta = read_metadata(storage, job.metadata_uri)
@@ -140,8 +155,16 @@ def test_is_complete_local(tmp_path, image_bytes):
     assert not is_complete(storage, job, key)
 
 
+class HeadOnly(Storage):
+    """A Storage that refuses to read images: the completeness check must not download them."""
+
+    def read(self, uri: str) -> bytes:
+        assert not uri.endswith(".png"), f"downloaded {uri}"
+        return super().read(uri)
+
+
 def test_is_complete_s3(s3_server, s3, bucket, image_bytes):
-    storage = Storage(endpoint_url=s3_server)
+    storage = HeadOnly(endpoint_url=s3_server)
     check_completeness(storage, f"s3://{bucket}/catalog", image_bytes("png"))
     job = make_job(f"s3://{bucket}/catalog")
     key = key_for(job, b"content", b"style")
@@ -149,3 +172,13 @@ def test_is_complete_s3(s3_server, s3, bucket, image_bytes):
     assert s3.head_object(Bucket=bucket, Key="catalog/a/cat__starry_night.json")["ContentType"] == "application/json"
     s3.delete_object(Bucket=bucket, Key="catalog/a/cat__starry_night.png")  # image missing
     assert not is_complete(storage, job, key)
+
+
+def test_a_catalog_copied_to_s3_is_complete_by_its_md5(tmp_path, s3_server, s3, bucket, image_bytes):
+    local, image = make_job(str(tmp_path / "out")), image_bytes("png")
+    key = key_for(local, b"content", b"style")
+    finish(Storage(), local, key, image)
+    assert "etag" not in read_metadata(Storage(), local.metadata_uri)["output"]  # a local file has none
+    for name in ("a/cat__starry_night.png", "a/cat__starry_night.json"):  # a plain copy, as `aws s3 sync` does
+        s3.put_object(Bucket=bucket, Key=f"catalog/{name}", Body=(tmp_path / "out" / name).read_bytes())
+    assert is_complete(HeadOnly(endpoint_url=s3_server), make_job(f"s3://{bucket}/catalog"), key)

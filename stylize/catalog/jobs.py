@@ -11,9 +11,13 @@ Errors: a ``TransientStorageError`` is raised so the caller can retry, and
 not fit the device even at a smaller size) is a verdict on this job, which
 ``run`` returns as a failed ``Outcome`` naming the job and the problem.
 
-Crash safety: the image is written before the metadata, each atomically, and
-a stale metadata file is removed before the new image is written, so whenever
-a process dies, a metadata file describes the image beside it or is absent.
+Crash safety: a pending metadata document (naming the image, no key) replaces
+any stale one, then the image is written, then the full metadata, each
+atomically; so whenever a process dies, a metadata file describes the image
+beside it or is pending (incomplete: the job runs again), and the image is
+still known to be stylize's (``outputs.claim``). Two runs writing one job at
+once: each checks after its metadata that the image is still the one it
+describes, and writes both again if not, so the last metadata matches.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from stylize.catalog import metadata
 from stylize.errors import (Cancelled, ConfigError, InputError, ResourceError, StorageError, StylizeError,
                      TransientStorageError)
 from stylize.catalog.manifest import Job
+from stylize.catalog.outputs import claim, init_uri, snapshot_uri
 from stylize.engine.optimize import Engine, Record, RecordCallback, StyleTargets
 from stylize.engine.schedule import level_sizes
 from stylize.catalog.storage import Storage, check_below
@@ -97,11 +102,6 @@ class Inputs:
         if "init" in self.info:
             styles = styles + [self.info["init"]["sha256"]]
         return self.info["content"]["sha256"], styles
-
-
-def init_uri(job: Job) -> str | None:
-    """The URI of the job's starting image, when ``settings.init`` names one."""
-    return None if job.settings.init in ("content", "random") else job.settings.init
 
 
 def read_inputs(job: Job, storage: Storage) -> Inputs:
@@ -203,14 +203,16 @@ class JobRunner:
         image_uri: str | None = None,
         metadata_uri: str | None = None,
         thumbnails: bool = True,
+        overwrite: bool | None = None,
     ) -> Outcome:
         """Prepare, compute and finish ``job`` here; returns its ``Outcome``.
 
-        ``thumbnails=False`` writes no ``_thumbs/`` (a lone image has no report).
+        ``thumbnails=False`` writes no ``_thumbs/`` (a lone image has no report);
+        ``overwrite`` as in ``outputs.claim``.
         Raises only ``TransientStorageError``; every other problem is a failed outcome.
         """
         prepared = prepare(job, storage, skip_complete=skip_complete, image_uri=image_uri,
-                           metadata_uri=metadata_uri)
+                           metadata_uri=metadata_uri, overwrite=overwrite)
         if isinstance(prepared, Outcome):
             return prepared
         return guarded(job, prepared.started, lambda: finish(
@@ -246,7 +248,7 @@ class JobRunner:
         snapshot = None
         if settings.save_every and storage is not None:
             def snapshot(i, iteration, scale, image):  # noqa: E306 - written while the job runs
-                uri = _snapshot_uri(batch[i].image_uri, iteration)
+                uri = snapshot_uri(batch[i].image_uri, iteration)
                 storage.write(uri, images.encode(image, settings.format, quality=settings.quality,
                                                  dpi=settings.dpi))
 
@@ -330,23 +332,28 @@ def guarded(job: Job, started: float, step: Callable[[], Any]) -> Any:
 
 
 def prepare(job: Job, storage: Storage, *, skip_complete: bool = True, image_uri: str | None = None,
-            metadata_uri: str | None = None) -> Prepared | Outcome:
-    """The I/O before the device: read and checksum inputs, skip a complete job, decode.
+            metadata_uri: str | None = None, overwrite: bool | None = None) -> Prepared | Outcome:
+    """The I/O before the device: check the outputs, read and checksum inputs, skip a complete
+    job, decode.
 
     Needs no device, so a catalog can prepare the next jobs while the device
     computes. Returns a ``Prepared`` job, or the job's ``Outcome`` when it is
-    skipped, refused by the manifest, writes outside its output root or has
-    unusable inputs.
+    skipped, refused by the manifest, writes outside its output root or over
+    an input or a file stylize did not write (``outputs.claim``; ``overwrite``
+    as there), or has unusable inputs.
     """
     started = time.perf_counter()
 
     def step() -> Prepared | Outcome:
-        inputs = read_inputs(job, storage)
+        if job.problem is not None:
+            raise ConfigError(job.problem)
         targets = (image_uri or job.image_uri, metadata_uri or job.metadata_uri)
         for uri in targets:
             check_below(job.output, uri)
+        meta = claim(job, storage, *targets, overwrite=overwrite)
+        inputs = read_inputs(job, storage)
         key = key_for(job, inputs)
-        if skip_complete and metadata.is_complete(storage, job, key):
+        if skip_complete and metadata.is_complete(storage, job, key, meta):
             return Outcome(job.name, "skipped", time.perf_counter() - started, output=job.image_uri)
         with about(job, "content"):
             content = images.decode(inputs.content, name=job.content)
@@ -359,13 +366,17 @@ def prepare(job: Job, storage: Storage, *, skip_complete: bool = True, image_uri
     return guarded(job, started, step)
 
 
-def finish(prepared: Prepared, result, storage: Storage, *, thumbnails: bool = True) -> Outcome:
-    """Write the image, its thumbnails (``thumbnails.py``), then the metadata
-    (its presence means the job is complete).
+#: Times ``finish`` writes a job's image and metadata again when another run replaced the image meanwhile.
+CONCURRENT_REWRITES = 3
 
-    Metadata left by an earlier run (other settings or inputs) goes first: it
-    must never sit beside an image it does not describe, even if this process
-    dies between the two writes. (So S3 needs delete permission only then.)
+
+def finish(prepared: Prepared, result, storage: Storage, *, thumbnails: bool = True) -> Outcome:
+    """Write a pending metadata document, the image, its thumbnails (``thumbnails.py``), then the
+    metadata (its presence, complete, means the job is done).
+
+    The pending document replaces metadata left by an earlier run (other
+    settings or inputs): it must never sit beside an image it does not
+    describe, even if this process dies between two writes.
     """
     job = prepared.job
     # 16-bit formats take the optimized float image, not its 8-bit rendering.
@@ -373,18 +384,38 @@ def finish(prepared: Prepared, result, storage: Storage, *, thumbnails: bool = T
     deep = job.settings.format in images.DEEP_FORMATS and pixels is not None
     data = images.encode(pixels if deep else result.image, job.settings.format, quality=job.settings.quality,
                          dpi=job.settings.dpi)
-    if storage.exists(prepared.metadata_uri):
-        storage.delete(prepared.metadata_uri)
-    storage.write(prepared.image_uri, data, content_type=images.MEDIA_TYPES[job.settings.format])
     thumbs = None
-    if thumbnails:  # written before the metadata, so a complete job has them
-        thumbs = write_thumbnails(storage, job.output, job.name, result.image, prepared.content,
-                                  prepared.inputs.info, prepared.inputs.styles)
+    for _ in range(1 + CONCURRENT_REWRITES):
+        pending = metadata.pending_metadata(job.name, prepared.image_uri)
+        storage.write(prepared.metadata_uri, metadata.encode(pending), content_type="application/json")
+        info = storage.write(prepared.image_uri, data, content_type=images.MEDIA_TYPES[job.settings.format])
+        if thumbnails:  # written before the metadata, so a complete job has them
+            thumbs = write_thumbnails(storage, job.output, job.name, result.image, prepared.content,
+                                      prepared.inputs.info, prepared.inputs.styles)
+        meta = _metadata(prepared, result, metadata.output_record(prepared.image_uri, data, info.etag), thumbs)
+        storage.write(prepared.metadata_uri, metadata.encode(meta), content_type="application/json")
+        if metadata.image_matches(storage, prepared.image_uri, meta["output"]):
+            break
+        # Another run wrote this job's image since ours: write both again, so the last metadata
+        # written describes the image beside it. (Past the last try, the mismatch stays
+        # detectable: the next run finds the job incomplete.)
+        log.warning("%s: its image changed while its metadata was written (another run?); writing again",
+                    job.name)
+    last = result.records[-1]
+    return Outcome(
+        job.name, "done", time.perf_counter() - prepared.started, result.seconds, output=prepared.image_uri,
+        final={"total": last.total, "content": last.content, "style": last.style, "tv": last.tv},
+        iterations=last.iteration,
+    )
+
+
+def _metadata(prepared: Prepared, result, output: dict, thumbs: dict | None) -> dict:
+    """The job's full metadata document for ``result`` written as ``output`` (an ``output_record``)."""
+    job = prepared.job
     meta = metadata.build_metadata(
-        job=job, key=prepared.key, inputs=prepared.inputs.info, output_uri=prepared.image_uri,
-        output_size=len(data), device=result.device, versions=versions(job.settings.weights),
-        started=prepared.began or datetime.now(timezone.utc), finished=datetime.now(timezone.utc),
-        records=result.records,
+        job=job, key=prepared.key, inputs=prepared.inputs.info, output=output, device=result.device,
+        versions=versions(job.settings.weights), started=prepared.began or datetime.now(timezone.utc),
+        finished=datetime.now(timezone.utc), records=result.records,
     )
     meta["engine"] = {"precision": result.precision, "sizes": [list(s) for s in result.sizes],
                       "stopped_early": result.stopped_early, "seconds": round(result.seconds, 3),
@@ -395,6 +426,7 @@ def finish(prepared: Prepared, result, storage: Storage, *, thumbnails: bool = T
         meta["retried_at_size"] = prepared.retried_at_size  # settings.size did not fit the device
     if thumbs is not None:
         meta["thumbnails"] = thumbs  # paths relative to the output root
+<<<<<<< HEAD
     storage.write(prepared.metadata_uri, metadata.encode(meta), content_type="application/json")
     last = result.records[-1]
     return Outcome(
@@ -409,3 +441,6 @@ def _snapshot_uri(image_uri: str, iteration: int) -> str:
     """``out/a/b.png`` -> ``out/a/b.iter00100.png``; never the final name."""
     stem, dot, ext = image_uri.rpartition(".")
     return f"{stem}.iter{iteration:05d}{dot}{ext}"
+=======
+    return meta
+>>>>>>> a06227e (Write side of issue 17 (WIP): outputs.claim refuses outputs over inputs or files stylize did not write; pending metadata before the image; image checksums (sha256, md5, S3 ETag) in metadata, checked by is_complete without downloading; Storage.probe; short temp names)

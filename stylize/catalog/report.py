@@ -208,6 +208,8 @@ def is_job_metadata(document: Mapping[str, Any] | None) -> str | None:
         return f"expected schema {metadata.SCHEMA}, found {document.get('schema')!r}"
     if not isinstance(document.get("job"), str) or not document["job"]:
         return "no job name"
+    if document.get("pending"):
+        return "pending: its job was writing its image, or stopped while it did"
     return None
 
 

@@ -15,6 +15,7 @@ relative to a listed folder, and the globs of manifest grids (``*`` and
 from __future__ import annotations
 
 import io
+import logging
 import mimetypes
 import os
 import posixpath
@@ -34,6 +35,8 @@ from botocore import exceptions as bex
 from botocore.config import Config
 
 from stylize.errors import Cancelled, NotFoundError, StorageError, TransientStorageError
+
+log = logging.getLogger(__name__)
 
 # S3 error codes that a later retry may fix. botocore's "standard" retry mode
 # already retried these; if they still surface, the caller may retry the task.
@@ -383,11 +386,13 @@ class Storage:
         except OSError as exc:
             raise StorageError(f"{uri}: cannot read: {exc.strerror or exc}") from exc
 
-    def write(self, uri: str, data: bytes, *, content_type: str | None = None) -> None:
+    def write(self, uri: str, data: bytes, *, content_type: str | None = None) -> ObjectInfo:
         """Write ``data`` to ``uri`` atomically: readers see the old or the new content.
 
         Local: a temporary file in the same folder, fsynced, then renamed over
         the target (parent folders are created). S3: a PUT is atomic by itself.
+        Returns what was written: its size, and on S3 the ETag the store gave it
+        (from the PUT's answer; after a multipart upload, from a HEAD).
         """
         if self.cancel is not None and self.cancel.is_set():
             raise Cancelled(f"{uri}: not written, the run was interrupted")
@@ -401,12 +406,38 @@ class Storage:
                     self.client.upload_fileobj(
                         io.BytesIO(data), bucket, key, ExtraArgs=extra, Config=config
                     )
+                    etag = self.client.head_object(Bucket=bucket, Key=key).get("ETag")
                 else:
-                    self.client.put_object(Bucket=bucket, Key=key, Body=data, **extra)
+                    etag = self.client.put_object(Bucket=bucket, Key=key, Body=data, **extra).get("ETag")
             except (*_S3_ERRORS, S3UploadFailedError) as exc:
                 raise _s3_error(exc, uri) from exc
-            return
+            return ObjectInfo(uri=uri, size=len(data), etag=(etag or "").strip('"') or None)
         _write_local(local_path(uri), data, uri)
+        return ObjectInfo(uri=uri, size=len(data), etag=None)
+
+    def probe(self, root: str) -> None:
+        """Check that the output root ``root`` can be written: a tiny atomic write, then its delete.
+
+        Run before any job, so an output that cannot be written (a read-only
+        folder, a file where a folder should be, a missing bucket, access
+        denied) fails the run at once: StorageError naming the root and the
+        reason. Local folders the probe had to create are removed again.
+        """
+        uri = child(output_root(root), f".stylize.probe.{secrets.token_hex(6)}")
+        created = [] if is_s3(uri) else _missing_folders(os.path.dirname(local_path(uri)))
+        try:
+            self.write(uri, b"stylize write probe\n", content_type="text/plain")
+        except StorageError as exc:
+            _remove_folders(created)
+            reason = str(exc).removeprefix(f"{uri}: ")
+            raise type(exc)(f"output {root}: cannot be written: {reason}") from exc
+        try:
+            self.delete(uri)
+        except TransientStorageError:
+            raise
+        except StorageError as exc:  # a run never deletes (stale metadata is overwritten): a stray file
+            log.warning("the write probe %s was left behind: %s", uri, exc)
+        _remove_folders(created)
 
     def delete(self, uri: str) -> None:
         """Remove the file or object ``uri``; nothing happens if it does not exist."""
@@ -505,17 +536,39 @@ def _walk(folder: str, uri: str) -> Iterator[str]:
             yield path
 
 
+def _missing_folders(folder: str) -> list[str]:
+    """The folders a write into ``folder`` would create, deepest first."""
+    missing = []
+    while not os.path.lexists(folder) and os.path.dirname(folder) != folder:
+        missing.append(folder)
+        folder = os.path.dirname(folder)
+    return missing
+
+
+def _remove_folders(folders: list[str]) -> None:
+    """Remove the (empty) folders a probe created, deepest first."""
+    for folder in folders:
+        try:
+            os.rmdir(folder)
+        except OSError:
+            pass
+
+
 def _write_local(path: str, data: bytes, uri: str) -> None:
     folder = os.path.dirname(path)
     try:
         os.makedirs(folder, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as exc:
+        raise StorageError(f"{uri}: cannot create folder {folder}: a file stands where a folder should be") from exc
     except OSError as exc:
         raise StorageError(f"{uri}: cannot create folder {folder}: {exc.strerror or exc}") from exc
     # Like mkstemp (unique name, O_EXCL) but mode 0o666 minus the umask,
     # where mkstemp's 0o600 would hide outputs from other users of a catalog.
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
     while True:
-        tmp = os.path.join(folder, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
+        # A short name of its own, not the target's plus a suffix: any name that fits the
+        # folder (up to 255 bytes) can then be written.
+        tmp = os.path.join(folder, f".stylize.{secrets.token_hex(6)}.tmp")
         try:
             fd = os.open(tmp, flags, 0o666)
             break
