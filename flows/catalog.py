@@ -104,6 +104,14 @@ def load(manifest_uri: str) -> Manifest:
     return load_manifest(manifest_uri)
 
 
+@task(name="probe-output", retries=3, retry_delay_seconds=exponential_backoff(1),
+      retry_condition_fn=_transient_only, cache_policy=NO_CACHE, persist_result=False)
+def probe_output(storage: Storage, root: str) -> None:
+    """A tiny write and delete in the output root before any job: an output that cannot be
+    written fails the run now, naming the root and the reason, not after the compute."""
+    storage.probe(root)
+
+
 #: Tries of a job's writes after the first (the write task's retries).
 WRITE_RETRIES = 3
 
@@ -294,8 +302,7 @@ def stylize_catalog(
     x 1, 2 and 4 s (jittered): a read by rerunning its group's task, a write
     by rerunning only the writes. On Dask (``catalog_on_dask``) each job runs on a
     worker's GPU, and ``devices``/``workers`` are refused. Fails after every
-    job has finished when more than ``max_failures`` failed. Returns the
-    run summary.
+    job has finished when more than ``max_failures`` failed. Returns the run summary.
     """
     started, began = time.perf_counter(), datetime.now(timezone.utc)
     shard_spec = parse_shard(shard) if shard else None
@@ -307,6 +314,7 @@ def stylize_catalog(
     stop = threading.Event() if dask is None else None
     doc = load(manifest)
     storage = stop_storage(storage_for(doc), stop)
+    probe_output(storage, output_root(output or doc.output))
     total = count_jobs(doc, storage, settings, output, shard_spec)
     emit(RunStarted(total))
     tally = _Tally(total, JobLog(storage, output_root(output or doc.output), str(get_run_context().flow_run.id)))

@@ -48,7 +48,7 @@ class FaultProxy:
 
     def __init__(self, upstream: str, *, rate: float = 1.0, kinds: tuple[str, ...] = TRANSIENT, seed: int = 0,
                  methods: tuple[str, ...] = ("GET", "PUT", "HEAD", "POST", "DELETE"), path: str | None = None,
-                 limit: int | None = None, stall_seconds: float = 30.0):
+                 limit: int | None = None, stall_seconds: float = 30.0, after: int = 0):
         unknown = set(kinds) - set(KINDS)
         if unknown:
             raise ValueError(f"unknown fault kinds {sorted(unknown)}; known: {KINDS}")
@@ -56,6 +56,7 @@ class FaultProxy:
         self.rate, self.kinds, self.methods, self.limit = rate, tuple(kinds), tuple(methods), limit
         self.path = re.compile(path) if path else None
         self.stall_seconds = stall_seconds
+        self.after = after  # matching requests forwarded untouched before faults may start
         self.faults: list[tuple[str, str, str]] = []
         self.requests = 0
         self.seen: list[tuple[float, str, str]] = []  # (time.monotonic(), method, path) of every request
@@ -142,6 +143,9 @@ class FaultProxy:
             if method not in self.methods or (self.path is not None and not self.path.search(path)):
                 return None
             if self.limit is not None and len(self.faults) >= self.limit:
+                return None
+            if self.after > 0:
+                self.after -= 1
                 return None
             if self._random.random() >= self.rate:
                 return None

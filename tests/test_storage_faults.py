@@ -82,12 +82,13 @@ def test_the_manifest_storage_block_tunes_retries_and_timeouts(tmp_path):
 
 
 def test_temporary_files_left_by_a_killed_write_are_not_taken_for_images(tmp_path, image_bytes):
-    # What a write killed before its rename leaves: ".<name>.<12 hex>.tmp" (storage._write_local).
+    # What a write killed before its rename leaves: ".stylize.<12 hex>.tmp" (storage._write_local), and the
+    # longer names of earlier versions.
     photos = tmp_path / "photos"
     photos.mkdir()
     (photos / "cat.png").write_bytes(image_bytes("png"))
     (photos / ".cat.png.0123456789ab.tmp").write_bytes(image_bytes("png")[:20])
-    (photos / ".dog.png.89abcdef0123.tmp").write_bytes(image_bytes("png"))
+    (photos / ".stylize.89abcdef0123.tmp").write_bytes(image_bytes("png"))
     (tmp_path / "style.png").write_bytes(image_bytes("png"))
     manifest = tmp_path / "manifest.yaml"
     manifest.write_text("version: 1\noutput: out\ngrid: {contents: [photos/], styles: [style.png]}\n")

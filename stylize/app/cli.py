@@ -51,6 +51,7 @@ def cmd_image(args: argparse.Namespace) -> int:
     from stylize.catalog.jobs import JobRunner
     from stylize.engine import images
     from stylize.catalog.manifest import Job
+    from stylize.catalog.outputs import claim
     from stylize.catalog.storage import Storage, parent
 
     overrides = engine_overrides(args)
@@ -66,11 +67,13 @@ def cmd_image(args: argparse.Namespace) -> int:
         name=Path(out).stem, content=absolute(args.content), styles=tuple(absolute(s) for s in args.styles),
         settings=settings, output=parent(out), source="", index=0,
     )
+    claim(job, storage, out, meta, overwrite=args.overwrite)  # before the model loads; prepare checks again
+    storage.probe(job.output)
     runner = JobRunner(args.device)
     report = lambda record: progress.emit(progress.Iteration(job.name, record, settings.iterations))  # noqa: E731
     with ProgressView(enabled=not args.quiet, transient=True):
         outcome = runner.run(job, storage, callback=report, skip_complete=False, image_uri=out, metadata_uri=meta,
-                             thumbnails=False)
+                             thumbnails=False, overwrite=args.overwrite)
     if outcome.status == "failed":
         print(f"stylize: error: {outcome.error}", file=sys.stderr)
         return EXIT_FAILED
@@ -99,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="output image; .png, .jpg, .webp or .tif (16-bit)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace OUT or its .json even if stylize did not write them (an input is never replaced)")
     add_engine_options(p)
     p.set_defaults(func=cmd_image)
 
@@ -113,9 +118,11 @@ def _extra_commands():
 
 def cmd_validate(args: argparse.Namespace) -> int:
     """stylize validate MANIFEST"""
-    from stylize.catalog.manifest import validate
+    from stylize.catalog.manifest import load_manifest, validate
 
     count, problems = validate(args.manifest)
+    if not problems:
+        problems = output_problems(load_manifest(args.manifest))
     if problems:
         print(f"stylize: invalid manifest {args.manifest}: {len(problems)} problem(s)", file=sys.stderr)
         for path, message in problems:
@@ -132,29 +139,58 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from stylize.catalog.storage import output_root
     from stylize.catalog.jobs import key_for, read_inputs
     from stylize.catalog.manifest import in_shard, load_manifest, parse_shard, storage_for
+    from stylize.catalog.outputs import claim
 
     doc = load_manifest(args.manifest)
     storage = storage_for(doc)
     shard = parse_shard(args.shard) if args.shard else None
     counts = {"run": 0, "skip": 0, "error": 0}
-    estimate = Estimate(storage, output_root(args.output or doc.output))
+    unwritable = output_problems(doc, args.output)
+    for _, message in unwritable:
+        print(f"error output  {message}")
+        counts["error"] += 1
+    # An output that cannot be written has no history to estimate from (it may be a file).
+    estimate = None if unwritable else Estimate(storage, output_root(args.output or doc.output))
     for job in doc.jobs(storage, output=args.output):
         if not in_shard(job, shard):
             continue
         try:
+            meta = claim(job, storage) if job.problem is None else None
             inputs = read_inputs(job, storage)
-            action = "skip" if metadata.is_complete(storage, job, key_for(job, inputs)) else "run"
+            action = "skip" if metadata.is_complete(storage, job, key_for(job, inputs), meta) else "run"
             detail = job.image_uri
-            if action == "run":
+            if action == "run" and estimate is not None:
                 estimate.add(job, inputs.content)
         except StylizeError as exc:
             action, detail = "error", str(exc)
         counts[action] += 1
         print(f"{action:5} {job.name}  {detail}")
     print(f"{counts['run']} to run, {counts['skip']} to skip, {counts['error']} with errors")
-    for line in estimate.lines():
+    for line in estimate.lines() if estimate is not None else []:
         print(line)
     return EXIT_OK
+
+
+def output_problems(doc, output: str | None = None) -> list[tuple[str, str]]:
+    """``[("output", why)]`` when the run's output root cannot be written, else ``[]``."""
+    try:
+        probe_output(doc, output)
+    except StylizeError as exc:
+        return [("output", str(exc))]
+    return []
+
+
+def probe_output(doc, output: str | None) -> None:
+    """StorageError naming the output root and the reason when it cannot be written (``Storage.probe``).
+    A transient failure passes: the flow probes again, with its retries."""
+    from stylize.catalog.manifest import storage_for
+    from stylize.catalog.storage import output_root
+    from stylize.errors import TransientStorageError
+
+    try:
+        storage_for(doc).probe(output_root(output or doc.output))
+    except TransientStorageError:
+        pass
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -168,7 +204,8 @@ def _run(args: argparse.Namespace) -> int:
     from stylize.catalog.manifest import load_manifest, parse_shard
     from stylize.app.view import ProgressView, quiet_failures, quiet_prefect
 
-    load_manifest(args.manifest)  # exit 2 on an invalid manifest before Prefect starts
+    doc = load_manifest(args.manifest)  # exit 2 on an invalid manifest before Prefect starts
+    probe_output(doc, args.output)  # exit 1 at once when the output cannot be written
     if args.shard:
         parse_shard(args.shard)
     overrides = engine_overrides(args)

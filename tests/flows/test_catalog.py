@@ -161,7 +161,8 @@ def test_s3_catalog_writes_back_and_reruns_skip(s3, bucket, s3_server, monkeypat
 
 def test_transient_s3_failures_are_retried(s3, bucket, s3_server, monkeypatch):
     # More consecutive 503s than botocore's own retries absorb, so the task-level retry must act too.
-    with FaultProxy(s3_server, kinds=("503",), methods=("PUT",), limit=6) as proxy:
+    # Job writes only (the output probe is retried by its own task, test_output_probe).
+    with FaultProxy(s3_server, kinds=("503",), methods=("PUT",), path=r"\.(png|jpg|json)$", limit=6) as proxy:
         monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
         uri = s3_manifest(s3, bucket, proxy.url)
         summary = stylize_catalog(manifest=uri)

@@ -17,6 +17,7 @@ import boto3
 import pytest
 from faults import FaultProxy, cli_env, kill, start_run, wait_until
 
+from stylize.catalog import metadata
 from stylize.engine import images
 from stylize.catalog.storage import is_listed_image
 
@@ -27,7 +28,7 @@ DATA = Path(__file__).parent.parent / "data"
 SEED = 20261126
 SETTINGS = {"size": 32, "iterations": 3, "scales": 1, "precision": "float32", "tolerance": 0}
 JOBS = 9  # 3 photos x 3 styles
-TEMP = re.compile(r"\.[^/]+\.[0-9a-f]{12}\.tmp")  # storage._write_local's temporary names
+TEMP = re.compile(r"\.stylize\.[0-9a-f]{12}\.tmp")  # storage._write_local's temporary names
 
 
 def catalog(root: Path, output: str, storage: str = "", settings: dict | None = None,
@@ -57,8 +58,9 @@ grid:
 def check_local(out: Path) -> int:
     """Assert the crash-safety invariants over a local output folder; returns the complete jobs.
 
-    Every NAME.png decodes fully; every NAME.json describes a NAME.png of the recorded
-    size; anything else is a temporary file that no listing would take for an image.
+    Every NAME.png decodes fully; every NAME.json is pending (its job stopped while writing,
+    so it is not complete) or describes NAME.png, size and checksum; anything else is a
+    temporary file that no listing would take for an image.
     """
     complete = 0
     for path in sorted(p for p in out.rglob("*") if p.is_file()):
@@ -74,8 +76,11 @@ def check_local(out: Path) -> int:
         elif path.suffix == ".json":
             meta = json.loads(path.read_text())
             image = path.with_suffix(".png")
+            assert meta["output"]["uri"] == str(image), relative
+            if meta.get("pending"):
+                continue
             assert image.is_file(), f"{relative} without its image"
-            assert meta["output"] == {"uri": str(image), "size": image.stat().st_size}, relative
+            assert metadata.output_record(str(image), image.read_bytes()) == meta["output"], relative
             assert (out / meta["thumbnails"]["output"]).is_file(), f"{relative} without its thumbnail"
             complete += 1
         else:
@@ -93,7 +98,9 @@ def check_run_file(name: str, data: bytes) -> None:
 
 def check_s3(client, bucket: str) -> int:
     """The same invariants over ``s3://bucket/out/`` (S3 has no temporary objects)."""
-    objects = {o["Key"]: o["Size"] for o in client.list_objects_v2(Bucket=bucket, Prefix="out/").get("Contents", [])}
+    listed = client.list_objects_v2(Bucket=bucket, Prefix="out/").get("Contents", [])
+    objects = {o["Key"]: o["Size"] for o in listed}
+    etags = {o["Key"]: o["ETag"].strip('"') for o in listed}
     complete = 0
     for key, size in objects.items():
         body = client.get_object(Bucket=bucket, Key=key)["Body"].read()
@@ -107,8 +114,11 @@ def check_s3(client, bucket: str) -> int:
             assert key.endswith(".json"), key
             meta = json.loads(body)
             image = key.removesuffix(".json") + ".png"
+            assert meta["output"]["uri"] == f"s3://{bucket}/{image}", key
+            if meta.get("pending"):
+                continue
             assert image in objects, f"{key} without its image"
-            assert meta["output"] == {"uri": f"s3://{bucket}/{image}", "size": objects[image]}, key
+            assert (meta["output"]["size"], meta["output"]["etag"]) == (objects[image], etags[image]), key
             complete += 1
     return complete
 
@@ -180,8 +190,10 @@ def test_sigkill_during_upload_and_between_image_and_metadata_s3(s3_server, s3, 
     key = stalled.split("?")[0].removeprefix(f"/{bucket}/")
     assert key.endswith(".png") and key not in {o["Key"] for o in s3.list_objects_v2(Bucket=bucket).get("Contents", [])}
 
-    # 2. Stall the first metadata upload: its image is written and whole, its metadata absent.
-    with FaultProxy(s3_server, kinds=("stall",), methods=("PUT",), path=r"/out/[^/_][^/]*\.json$", limit=1) as proxy:
+    # 2. Stall the second metadata upload (the first is the pending document written before an
+    # image): the job is not complete, and its image, if written, is whole.
+    with FaultProxy(s3_server, kinds=("stall",), methods=("PUT",), path=r"/out/[^/_][^/]*\.json$", limit=1,
+                    after=1) as proxy:
         manifest = catalog(tmp_path, f"s3://{bucket}/out", storage.format(proxy.url))
         process = start_run(manifest, env, log=tmp_path / "metadata.log")
         [(_, _, stalled)] = proxy.wait_for_fault(timeout=240)
@@ -189,7 +201,7 @@ def test_sigkill_during_upload_and_between_image_and_metadata_s3(s3_server, s3, 
     done = check_s3(direct, bucket)
     key = stalled.split("?")[0].removeprefix(f"/{bucket}/")
     names = {o["Key"] for o in s3.list_objects_v2(Bucket=bucket).get("Contents", [])}
-    assert key not in names and key.removesuffix(".json") + ".png" in names
+    assert key not in names or json.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read())["pending"]
     assert done < JOBS
 
     # 3. A clean re-run redoes exactly the unfinished jobs.
