@@ -403,8 +403,8 @@ def finish(prepared: Prepared, result, storage: Storage, *, thumbnails: bool = T
                     job.name)
     last = result.records[-1]
     return Outcome(
-        job.name, "done", time.perf_counter() - prepared.started, result.seconds, output=prepared.image_uri,
-        final={"total": last.total, "content": last.content, "style": last.style, "tv": last.tv},
+        job.name, "done", time.perf_counter() - prepared.started, result.seconds / prepared.batch,
+        output=prepared.image_uri, final={"total": last.total, "content": last.content, "style": last.style, "tv": last.tv},
         iterations=last.iteration,
     )
 
@@ -426,21 +426,4 @@ def _metadata(prepared: Prepared, result, output: dict, thumbs: dict | None) -> 
         meta["retried_at_size"] = prepared.retried_at_size  # settings.size did not fit the device
     if thumbs is not None:
         meta["thumbnails"] = thumbs  # paths relative to the output root
-<<<<<<< HEAD
-    storage.write(prepared.metadata_uri, metadata.encode(meta), content_type="application/json")
-    last = result.records[-1]
-    return Outcome(
-        job.name, "done", time.perf_counter() - prepared.started, result.seconds / prepared.batch,
-        output=prepared.image_uri,
-        final={"total": last.total, "content": last.content, "style": last.style, "tv": last.tv},
-        iterations=last.iteration,
-    )
-
-
-def _snapshot_uri(image_uri: str, iteration: int) -> str:
-    """``out/a/b.png`` -> ``out/a/b.iter00100.png``; never the final name."""
-    stem, dot, ext = image_uri.rpartition(".")
-    return f"{stem}.iter{iteration:05d}{dot}{ext}"
-=======
     return meta
->>>>>>> a06227e (Write side of issue 17 (WIP): outputs.claim refuses outputs over inputs or files stylize did not write; pending metadata before the image; image checksums (sha256, md5, S3 ETag) in metadata, checked by is_complete without downloading; Storage.probe; short temp names)
