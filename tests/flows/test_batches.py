@@ -97,9 +97,10 @@ class InFlight:
             return read(uri, *args, **kwargs)
 
         def counting_write(uri, data, **kwargs):
-            write(uri, data, **kwargs)
-            if uri.endswith(".json") and "/_runs/" not in uri:
-                self.change(-1)
+            info = write(uri, data, **kwargs)
+            if uri.endswith(".json") and "/_runs/" not in uri and b'"pending": true' not in data:
+                self.change(-1)  # its metadata, complete (a pending one goes before the image)
+            return info
 
         storage.read, storage.write = counting_read, counting_write
 
