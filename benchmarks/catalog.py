@@ -19,14 +19,16 @@ Targets: overhead under 50 ms per job, thumbnails and report included (issues
 
 ``--mixed`` runs a realistic catalog instead (issue 15): 120 photos cropped
 from ``--data`` (default ``../shared/data``, else ``tests/data``) in six
-shapes (4:3, 3:2, 16:9, 1:1, 3:4, 9:16, in turn), times 3 styles, at 64 px,
+shapes (4:3, 3:2, 16:9, 1:1, 3:4, 9:16; 36, 30, 18, 12, 14 and 10 photos,
+interleaved), times 3 styles, at 64 px,
 on ``--workers`` CPU slots with ``--images-per-batch``, and prints
 
 * batch occupancy: images per ``Engine.run_batch`` call (each VGG19 pass of a
   call holds its images) over the images per batch asked for; target >= 0.9;
 * device utilization: the engine's busy seconds (each call counted once) over
   wall time times slots, and the run summary's ``device_utilization``; target >= 0.95;
-* wall time per job.
+* wall time per job, and CPU seconds per job (this process's threads: less
+  sensitive than wall time to other work on the machine).
 
 ``--before REV`` runs the same catalog on the code at git revision ``REV``
 too (``git archive`` into a temporary folder), for a before/after table.
@@ -156,13 +158,21 @@ def report_child(root: str) -> None:
                       "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "before_mib": before}))
 
 
-#: The crops of the realistic catalog, as (w, h) ratios: landscape photo, DSLR, video, square, portraits.
-MIXED_SHAPES = [(4, 3), (3, 2), (16, 9), (1, 1), (3, 4), (9, 16)]
+#: The crops of the realistic catalog, as (w, h) ratios (landscape photo, DSLR, video, square, portraits) and
+#: how many of its 120 photos have each: uneven, as in a real catalog, so some batches are left part full
+#: by their shape alone.
+MIXED_SHAPES = {(4, 3): 36, (3, 2): 30, (16, 9): 18, (1, 1): 12, (3, 4): 14, (9, 16): 10}
+
+
+def mixed_shapes() -> list[tuple[int, int]]:
+    """The 120 photos' shapes, interleaved through the catalog in proportion to their counts."""
+    spots = [((j + 0.5) / n, k, shape) for k, (shape, n) in enumerate(MIXED_SHAPES.items()) for j in range(n)]
+    return [shape for _, _, shape in sorted(spots)]
 
 
 def make_mixed_catalog(folder: Path, data: Path, photos: int = 120, size: int = 64, iterations: int = 12) -> Path:
-    """``photos`` crops of the content images in ``data`` (``data/content`` when there is one), shape
-    ``MIXED_SHAPES[i % 6]`` at an offset that moves with ``i``, longest side 2 x ``size``; 3 styles (the
+    """``photos`` crops of the content images in ``data`` (``data/content`` when there is one) in the shapes
+    of ``mixed_shapes``, at offsets that move with the photo, longest side 2 x ``size``; 3 styles (the
     style images and a detail of the first), as a grid manifest."""
     from PIL import Image, ImageOps
 
@@ -172,9 +182,10 @@ def make_mixed_catalog(folder: Path, data: Path, photos: int = 120, size: int = 
     sources = sorted(p for p in content.iterdir() if p.suffix in (".png", ".jpg") and p not in styles)
     (folder / "photos").mkdir(parents=True)
     (folder / "styles").mkdir()
+    shapes = mixed_shapes()
     for i in range(photos):
         image = Image.open(sources[i % len(sources)]).convert("RGB")
-        rw, rh = MIXED_SHAPES[i % len(MIXED_SHAPES)]
+        rw, rh = shapes[i * len(shapes) // photos]
         scale = min(image.width / rw, image.height / rh) * (0.6 + 0.4 * (i % 7) / 6)
         w, h = int(rw * scale), int(rh * scale)
         left, top = (image.width - w) * (i % 5) // 4, (image.height - h) * (i % 3) // 2
@@ -225,12 +236,14 @@ def mixed_child(data: str, workers: int, per_batch: int, iterations: int) -> Non
         stylize_catalog(manifest=str(warm), devices=["cpu"], workers=workers, images_per_batch=per_batch)
         manifest = make_mixed_catalog(Path(tmp) / "run", Path(data), iterations=iterations)
         calls.update(calls=0, images=0, busy=0.0)
-        load = os.getloadavg()[0]
+        load, cpu = os.getloadavg()[0], resource.getrusage(resource.RUSAGE_SELF)
         started = time.perf_counter()
         summary = stylize_catalog(manifest=str(manifest), devices=["cpu"], workers=workers,
                                   images_per_batch=per_batch)
         wall = time.perf_counter() - started
-    print(json.dumps({**calls, "wall": wall, "jobs": summary["counts"]["total"], "done": summary["counts"]["done"],
+        end = resource.getrusage(resource.RUSAGE_SELF)
+    cpu_seconds = end.ru_utime + end.ru_stime - cpu.ru_utime - cpu.ru_stime  # this process's threads only
+    print(json.dumps({**calls, "wall": wall, "cpu": cpu_seconds, "jobs": summary["counts"]["total"], "done": summary["counts"]["done"],
                       "summary_utilization": summary.get("device_utilization"), "load_before": load,
                       "load_after": os.getloadavg()[0]}))
 
@@ -246,7 +259,7 @@ def run_mixed(args) -> None:
             archive = subprocess.run(["git", "-C", str(here), "archive", args.before], capture_output=True, check=True)
             subprocess.run(["tar", "-x", "-C", str(old)], input=archive.stdout, check=True)
             trees.insert(0, (f"before ({args.before})", old))
-        rows = []
+        print_header(args)
         for label, tree in trees:
             command = [sys.executable, __file__, "--mixed-child", str(args.data), "--workers", str(args.workers),
                        "--images-per-batch", str(args.images_per_batch), "--iterations", str(args.iterations)]
@@ -254,28 +267,29 @@ def run_mixed(args) -> None:
                                  env=dict(os.environ, PYTHONPATH=str(tree)))
             if out.returncode != 0:
                 sys.exit(f"{label}: the realistic catalog failed:\n{out.stderr[-3000:]}")
-            rows.append((label, json.loads(out.stdout.strip().splitlines()[-1])))
-    print_mixed(rows, args)
-
-
-def print_mixed(rows: list[tuple[str, dict]], args) -> None:
-    """Occupancy, utilization and wall time per job, per tree, and the targets."""
-    print(f"realistic catalog: 120 photos in 6 shapes x 3 styles, 64 px, {args.iterations} iterations, "
-          f"{args.workers} CPU slots, images_per_batch {args.images_per_batch}")
-    print(f"{'code':<22} {'jobs':>5} {'batches':>8} {'img/batch':>9} {'occupancy':>9} {'utilization':>11} "
-          f"{'(summary)':>9} {'wall s':>7} {'s/job':>6} {'load':>9}")
-    for label, r in rows:
-        per_pass = r["images"] / r["calls"]
-        r["occupancy"] = per_pass / args.images_per_batch
-        r["utilization"] = r["busy"] / (r["wall"] * args.workers)
-        summary = "-" if r["summary_utilization"] is None else f"{r['summary_utilization']:.2f}"
-        print(f"{label:<22} {r['done']:>5} {r['calls']:>8} {per_pass:>9.2f} {r['occupancy']:>9.2f} "
-              f"{r['utilization']:>11.2f} {summary:>9} {r['wall']:>7.1f} {r['wall'] / r['jobs']:>6.3f} "
-              f"{r['load_before']:>4.1f}/{r['load_after']:<4.1f}")
-    last = rows[-1][1]
+            last = print_row(label, json.loads(out.stdout.strip().splitlines()[-1]), args)
     print(f"target occupancy >= 0.9: {'met' if last['occupancy'] >= 0.9 else 'NOT met'} ({last['occupancy']:.2f}); "
           f"target utilization >= 0.95: {'met' if last['utilization'] >= 0.95 else 'NOT met'} "
           f"({last['utilization']:.2f}); load: 1-minute load average before/after the run")
+
+
+def print_header(args) -> None:
+    print(f"realistic catalog: 120 photos in 6 shapes x 3 styles, 64 px, {args.iterations} iterations, "
+          f"{args.workers} CPU slots, images_per_batch {args.images_per_batch}")
+    print(f"{'code':<22} {'jobs':>5} {'batches':>8} {'img/batch':>9} {'occupancy':>9} {'utilization':>11} "
+          f"{'(summary)':>9} {'wall s':>7} {'s/job':>6} {'CPU s/job':>9} {'load':>9}", flush=True)
+
+
+def print_row(label: str, r: dict, args) -> dict:
+    """One tree's occupancy, utilization and wall time per job; returns ``r`` with the first two."""
+    per_pass = r["images"] / r["calls"]
+    r["occupancy"] = per_pass / args.images_per_batch
+    r["utilization"] = r["busy"] / (r["wall"] * args.workers)
+    summary = "-" if r["summary_utilization"] is None else f"{r['summary_utilization']:.2f}"
+    print(f"{label:<22} {r['done']:>5} {r['calls']:>8} {per_pass:>9.2f} {r['occupancy']:>9.2f} "
+          f"{r['utilization']:>11.2f} {summary:>9} {r['wall']:>7.1f} {r['wall'] / r['jobs']:>6.3f} "
+          f"{r['cpu'] / r['jobs']:>9.3f} {r['load_before']:>4.1f}/{r['load_after']:<4.1f}", flush=True)
+    return r
 
 
 def main() -> None:
