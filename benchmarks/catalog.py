@@ -213,6 +213,7 @@ def mixed_child(data: str, workers: int, per_batch: int, iterations: int) -> Non
 
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")  # a busy machine
     from stylize.catalog import jobs
 
     calls = {"calls": 0, "images": 0, "busy": 0.0}
