@@ -38,6 +38,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 CONTENT = ROOT / "tests" / "data" / "chelsea.png"
 STYLE = ROOT / "tests" / "data" / "starry_night.jpg"
+#: Part 2's content: square (512x512), so the 4096 px row is 4096x4096, the issue's target.
+SQUARE = ROOT / "tests" / "data" / "astronaut.png"
 
 
 def child_run(spec: dict) -> dict:
@@ -56,8 +58,11 @@ def child_run(spec: dict) -> dict:
     top = [r for r in result.records if r.scale == len(result.sizes)]
     steps = len(top) - 1
     per_iteration = (top[-1].seconds - top[0].seconds) / steps if steps > 0 else None
+    ends = [max(r.seconds for r in result.records if r.scale == k) for k in range(1, len(result.sizes) + 1)]
+    steps_per_level = [sum(1 for r in result.records if r.scale == k) - 1 for k in range(1, len(result.sizes) + 1)]
     return {"seconds": result.seconds, "per_iteration": per_iteration, "levels": result.memory,
-            "sizes": result.sizes}
+            "sizes": result.sizes, "level_seconds": [b - a for a, b in zip([0.0] + ends, ends)],
+            "level_iterations": steps_per_level}
 
 
 def child_breakdown(spec: dict) -> dict:
@@ -163,7 +168,7 @@ def part_tiling(args) -> dict:
 
 
 def part_budget(args, whole: dict, size: int, iterations: int) -> None:
-    row = run_child("run", {"content": str(CONTENT), "style": str(STYLE),
+    row = run_child("run", {"content": str(SQUARE), "style": str(STYLE),
                             "settings": settings(size, iterations, max_memory=args.budget)})
     w, h = row["sizes"][-1]
     bw, bh = whole["sizes"][-1]
@@ -190,8 +195,9 @@ def part_schedule(args, workdir: Path) -> None:
     printed = run_child("run", {"content": str(CONTENT), "style": str(STYLE), "output": paths["print"],
                                 "settings": dict(base, size=top)})
     for name, row in (("preview", preview), ("print", printed)):
-        levels = ", ".join(f"{max(lv['size'])}" + (f" (tile {lv['tile']})" if lv["tile"] else "")
-                           for lv in row["levels"])
+        levels = ", ".join(f"{max(lv['size'])}" + (f" tile {lv['tile']}" if lv["tile"] else "")
+                           + f": {n} it {sec:.0f} s"
+                           for lv, n, sec in zip(row["levels"], row["level_iterations"], row["level_seconds"]))
         say(f"  {name:<8} {row['seconds']:7.0f} s   levels {levels}   peak RSS {row['peak_rss_mib']:.0f} MiB "
             f"[load {row['load']:.1f}]")
     say(f"  print / preview time: {printed['seconds'] / preview['seconds']:.1f}x")
@@ -217,18 +223,25 @@ def main() -> None:
     parser.add_argument("--top-iterations", type=int, default=1, help="L-BFGS steps at 4096 px")
     parser.add_argument("--schedule-iterations", type=int, default=20)
     parser.add_argument("--budget", default="6GiB")
+    parser.add_argument("--keep", metavar="DIR", help="keep part 3's print.png and preview.png in DIR")
     args = parser.parse_args()
     args.base, args.print_size, sizes = (256, 512, [512]) if args.quick else (1024, 2048, [2048, 4096])
     if args.skip_4096:
         sizes = [s for s in sizes if s != 4096]
     if args.quick:
         args.budget = "1.2GiB"
-    say(f"benchmarks/large.py on {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}, {time.strftime('%Y-%m-%d %H:%M')}")
-    whole = part_tiling(args) if "1" in args.parts else run_child(
-        "run", {"content": str(CONTENT), "style": str(STYLE), "settings": settings(args.base, args.iterations)})
-    with tempfile.TemporaryDirectory() as tmp:
-        if "3" in args.parts:
-            part_schedule(args, Path(tmp))
+    load = os.getloadavg()[0]
+    say(f"benchmarks/large.py on {os.cpu_count()} CPUs, load {load:.1f}, {time.strftime('%Y-%m-%d %H:%M')}"
+        + (" (the CPUs are shared: times are pessimistic)" if load > (os.cpu_count() or 1) else ""))
+    whole = part_tiling(args) if "1" in args.parts else None
+    if whole is None and "2" in args.parts:  # part 2's reference row
+        whole = run_child("run", {"content": str(CONTENT), "style": str(STYLE),
+                                  "settings": settings(args.base, args.iterations)})
+    if "3" in args.parts:
+        with tempfile.TemporaryDirectory() as tmp:
+            keep = Path(args.keep) if args.keep else Path(tmp)
+            keep.mkdir(parents=True, exist_ok=True)
+            part_schedule(args, keep)
     if "2" in args.parts:
         say(f"\n== 2. print sizes with --max-memory {args.budget} (float32, one level)")
         for size in sizes:

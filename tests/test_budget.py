@@ -55,12 +55,17 @@ def test_bad_sizes_name_the_field(text):
 def test_print_schedule():
     # Up to 1024 px nothing changes: scales levels, the same iterations each.
     assert [max(wh) for wh in level_sizes(1000, 800, Settings(size=1024))] == [512, 1024]
-    assert level_iterations(1024, Settings(iterations=300)) == 300
-    # A print starts at 512 px and spends fewer iterations on the expensive levels.
+    assert level_iterations(1024, Settings(size=1024, iterations=300)) == 300
+    # A print runs its 512 px preview's levels first (scales, full iterations), then fewer iterations on
+    # each doubling, so that every level above 512 px costs about what the 512 px level does.
     s = Settings(size=4096, iterations=400)
-    assert [max(wh) for wh in level_sizes(4000, 3000, s)] == [512, 1024, 2048, 4096]
-    assert [level_iterations(n, s) for n in (512, 1024, 2048, 4096)] == [400, 400, 100, 25]
-    assert level_iterations(4096, Settings(iterations=20)) == 5
+    assert [max(wh) for wh in level_sizes(4000, 3000, s)] == [256, 512, 1024, 2048, 4096]
+    assert [level_iterations(n, s) for n in (256, 512, 1024, 2048, 4096)] == [400, 400, 100, 25, 6]
+    assert level_iterations(4096, Settings(size=4096, iterations=20)) == 5
+    assert level_iterations(4096, Settings(size=4096, iterations=3)) == 3
+    preview = Settings(size=512, iterations=400)
+    assert level_sizes(4000, 3000, preview) == level_sizes(4000, 3000, s)[:2]
+    assert [max(wh) for wh in level_sizes(3000, 2000, Settings(size=2048, scales=1))] == [512, 1024, 2048]
 
 
 def test_8192_px_is_refused_by_max_pixels_before_any_work(tmp_path, capsys, monkeypatch):

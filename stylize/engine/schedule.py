@@ -15,32 +15,38 @@ from stylize.engine.settings import Settings
 
 #: Coarse levels below this longest side carry too little structure to help.
 MIN_LEVEL_SIZE = 64
-#: Prints: above this longest side the schedule adds coarse levels down to PRINT_BASE px and gives each
-#: level above it fewer iterations (``level_iterations``), so that a 4096 px print costs a few 1024 px
-#: runs rather than 16. Up to 1024 px the schedule is ``scales`` and ``iterations`` as given.
+#: Prints: above PRINT_FROM px the schedule is the preview's own (``scales`` levels up to PRINT_BASE px, the
+#: same iterations) followed by one level per doubling up to the size, each with fewer iterations
+#: (``level_iterations``). The print's levels up to PRINT_BASE are then exactly the PRINT_BASE px run
+#: (same sizes, Grams, iterations), so the print is its preview refined, and costs a small multiple of it.
+#: Up to PRINT_FROM px the schedule is ``scales`` and ``iterations`` as given.
 PRINT_FROM = 1024
 PRINT_BASE = 512
 PRINT_MIN_ITERATIONS = 5
 
 
 def print_scales(settings: Settings) -> int:
-    """Levels for ``settings.size``: ``scales``, or above PRINT_FROM enough that the coarsest is at most PRINT_BASE."""
+    """Levels for ``settings.size``: ``scales``, plus above PRINT_FROM one per doubling over PRINT_BASE."""
     if settings.size <= PRINT_FROM:
         return settings.scales
-    return max(settings.scales, 1 + math.ceil(math.log2(settings.size / PRINT_BASE)))
+    return settings.scales + math.ceil(math.log2(settings.size / PRINT_BASE))
 
 
 def level_iterations(longest: int, settings: Settings) -> int:
-    """Iterations of a level whose longest side is ``longest``: ``iterations``, fewer above PRINT_FROM.
+    """Iterations of a level whose longest side is ``longest``: ``iterations``, fewer for a print's top levels.
 
-    A level above PRINT_FROM px gets ``iterations * (PRINT_FROM / longest) ** 2``
-    (at least PRINT_MIN_ITERATIONS), so each print level costs about what a
-    PRINT_FROM level does: the composition comes from the coarse levels, the
-    top levels add brush detail.
+    In a print (size above PRINT_FROM) a level above PRINT_BASE gets
+    ``iterations * (PRINT_BASE / longest) ** 2`` (at least PRINT_MIN_ITERATIONS),
+    so each costs about what the PRINT_BASE level does: the composition comes
+    from the preview's levels, the top levels add brush detail. Measured on
+    the 2-core machine (benchmarks/large.py part 3): a schedule that spent
+    full iterations up to 1024 px and started at 512 px without the preview's
+    coarse level cost 21x its preview and drifted 16% (content) / 28% (style)
+    from it.
     """
-    if longest <= PRINT_FROM or settings.iterations == 0:
+    if settings.size <= PRINT_FROM or longest <= PRINT_BASE or settings.iterations == 0:
         return settings.iterations
-    return max(min(PRINT_MIN_ITERATIONS, settings.iterations), round(settings.iterations * (PRINT_FROM / longest) ** 2))
+    return max(min(PRINT_MIN_ITERATIONS, settings.iterations), round(settings.iterations * (PRINT_BASE / longest) ** 2))
 
 
 def level_sizes(width: int, height: int, settings: Settings) -> list[tuple[int, int]]:
