@@ -181,6 +181,12 @@ def part_budget(args, whole: dict, size: int, iterations: int) -> None:
         f"{'met' if per_mp <= 2 * base_mp else 'NOT met'}); peak RSS {row['peak_rss_mib']:.0f} MiB = "
         f"{over:.0%} of the budget (target <= 110%: {'met' if over <= 1.1 else 'NOT met'}); "
         f"{describe(row)}; {row['seconds']:.0f} s in all [load {row['load']:.1f}]")
+    history = row["levels"][-1]["history"]
+    held = min(history, row["level_iterations"][-1])
+    if held < history:  # L-BFGS keeps one (s, y) pair per step: a longer level holds more
+        more = (history - held) * 2 * w * h * 3 * 4 / 2**20
+        say(f"    after {held} step(s) L-BFGS holds {held} of its {history} history pairs; the full history "
+            f"adds {more:.0f} MiB: {(row['peak_rss_mib'] + more) / budget_mib:.0%} of the budget")
 
 
 def part_schedule(args, workdir: Path) -> None:
@@ -223,6 +229,7 @@ def main() -> None:
     parser.add_argument("--top-iterations", type=int, default=1, help="L-BFGS steps at 4096 px")
     parser.add_argument("--schedule-iterations", type=int, default=20)
     parser.add_argument("--budget", default="6GiB")
+    parser.add_argument("--sizes", default="512,2048,4096", help="part 2's sizes, e.g. 4096")
     parser.add_argument("--keep", metavar="DIR", help="keep part 3's print.png and preview.png in DIR")
     args = parser.parse_args()
     args.base, args.print_size, sizes = (256, 512, [512]) if args.quick else (1024, 2048, [2048, 4096])
@@ -244,7 +251,7 @@ def main() -> None:
             part_schedule(args, keep)
     if "2" in args.parts:
         say(f"\n== 2. print sizes with --max-memory {args.budget} (float32, one level)")
-        for size in sizes:
+        for size in [s for s in sizes if str(s) in args.sizes.split(",")]:
             part_budget(args, whole, size, args.top_iterations if size >= 4096 else 2)
 
 
