@@ -105,3 +105,35 @@ def test_8192_px_with_max_pixels_raised_is_refused_by_the_budget_before_any_work
     with pytest.raises(ResourceError, match=r"max_memory: a 8192x\d+ px output needs at least .*raise max_memory"):
         Engine("cpu").run(photo, [photo], s, callback=calls.append)
     assert calls == []
+
+
+def test_a_tight_budget_keeps_the_history_in_bfloat16_before_shortening_it():
+    s = Settings(size=512)
+    f32 = estimate(512, 512, 1, 3, s, torch.float32, CPU, None, 50)
+    bf16 = estimate(512, 512, 1, 3, s, torch.float32, CPU, None, 50, torch.bfloat16)
+    assert bf16 < f32 - 512 * 512 * 3 * 2 * 50 * 2 + 1  # half the history's 2 x 50 float32 vectors
+    between = plan(512, max_memory=str((f32 + bf16) // 2))
+    assert (between.tile, between.history, between.history_dtype) == (None, 50, torch.bfloat16)
+    assert between.describe()["history_dtype"] == "bfloat16"
+    assert plan(512, max_memory=str(f32)).history_dtype == torch.float32
+
+
+def test_a_run_records_its_history_dtype():
+    """A 64 px run under a budget that fits 50 bfloat16 pairs but not 50 float32 ones: the level's
+    metadata says bfloat16, and L-BFGS still lowers the loss."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    from stylize.engine.optimize import Engine
+
+    photo = Image.open(Path(__file__).parent / "data" / "chelsea.png").convert("RGB")
+    base = dict(size=64, iterations=6, scales=1, tolerance=0, precision="float32")
+    s = Settings(**base)
+    h, w = 42, 64
+    f32 = estimate(h, w, 1, 3, s, torch.float32, CPU, None, 50)
+    bf16 = estimate(h, w, 1, 3, s, torch.float32, CPU, None, 50, torch.bfloat16)
+    result = Engine("cpu").run(photo, [photo.rotate(90, expand=True)],
+                               Settings(**base, max_memory=str((f32 + bf16) // 2)))
+    assert result.memory[0]["history"] == 50 and result.memory[0]["history_dtype"] == "bfloat16"
+    assert result.records[-1].total < 0.7 * result.records[0].total

@@ -202,3 +202,23 @@ def test_judge_prefers_the_optimized_image(engine, cat, starry):
     assert after["total"] < before["total"]
     # The same image judged twice gives the same figure, whatever produced it.
     assert engine.judge(result.image, cat, [starry], small(precision="bfloat16"), size=64) == after
+
+
+def test_bfloat16_history_still_solves():
+    """The history in bfloat16 (a print under a tight budget): pairs stored at 3 digits, the same minimum."""
+    torch.manual_seed(0)
+    n = 30
+    m = torch.randn(n, n)
+    mat = m @ m.T / n + 0.1 * torch.eye(n)
+    target = torch.randn(n)
+    x = torch.zeros(1, n, requires_grad=True)
+
+    def evaluate():
+        return (0.5 * x[0] @ mat @ x[0] - target @ x[0]).view(1)
+
+    opt = BatchedLBFGS(x, history=10, history_dtype=torch.bfloat16)
+    opt.start(evaluate)
+    for _ in range(60):
+        opt.step(evaluate)
+    assert opt.s[0].dtype == opt.y[0].dtype == torch.bfloat16
+    torch.testing.assert_close(x.detach()[0], torch.linalg.solve(mat, target), rtol=1e-2, atol=1e-2)

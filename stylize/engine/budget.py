@@ -42,6 +42,9 @@ IMAGE_VECTORS = 10
 CPU_RUNTIME_BYTES = 500 * 2**20
 #: History lengths tried, longest first: 50 is the engine's default; 5 still gives L-BFGS its curvature.
 HISTORIES = (50, 20, 10, 5)
+#: How the history is stored, tried in order at each length: bfloat16 halves it (a print's top level, where
+#: 2 x 5 float32 vectors at 4096 x 4096 are 2 GB) before the history is shortened or the tiles shrink.
+HISTORY_DTYPES = (torch.float32, torch.bfloat16)
 #: Tile cores tried, largest first. Below 128 px the 80 px halo makes a tile mostly halo.
 CORES = (2048, 1536, 1024, 768, 640, 512, 384, 256, 192, 128)
 
@@ -55,10 +58,12 @@ class MemoryPlan:
     history: int
     estimate: int  # bytes at the peak
     budget: int | None  # bytes; None when unknown (no limit applied)
+    history_dtype: torch.dtype = torch.float32  # bfloat16 when float32 pairs of this length do not fit
 
     def describe(self) -> dict:
         """For metadata: what was used and why."""
         return {"tile": self.tile, "halo": self.halo if self.tile else 0, "history": self.history,
+                "history_dtype": str(self.history_dtype).replace("torch.", ""),
                 "estimate_bytes": self.estimate, "budget_bytes": self.budget}
 
 
@@ -83,11 +88,13 @@ def device_budget(device: torch.device) -> int | None:
 
 
 def estimate(height: int, width: int, batch: int, channels: int, settings: Settings, dtype: torch.dtype,
-             device: torch.device, tile: int | None, history: int) -> int:
+             device: torch.device, tile: int | None, history: int,
+             history_dtype: torch.dtype = torch.float32) -> int:
     """Peak bytes of one level of ``batch`` images of ``height`` x ``width`` (see the module docstring)."""
     pixels = height * width * batch
     content = sum(_channels(n) * 4 / layer_geometry(n)[1] ** 2 for n in settings.content_layers)  # targets
-    per_pixel = IMAGE_VECTORS * channels * 4 + content + 2 * history * channels * 4
+    pair = 2 * channels * history_dtype.itemsize  # one (s, y) pair per pixel
+    per_pixel = IMAGE_VECTORS * channels * 4 + content + history * pair
     if tile is None:
         pass_bytes = WHOLE_PASS_BYTES.get(dtype, WHOLE_PASS_BYTES[torch.float32]) * pixels
     else:
@@ -123,18 +130,20 @@ def plan_memory(height: int, width: int, batch: int, channels: int, settings: Se
         cores = (None,) + tuple(c for c in CORES if c < longest)
     for core in cores:
         for history in HISTORIES:
-            need = estimate(height, width, batch, channels, settings, dtype, device, core, history)
-            if budget is None or need <= budget:
-                return MemoryPlan(core, halo, history, need, budget)
+            for kind in HISTORY_DTYPES:
+                need = estimate(height, width, batch, channels, settings, dtype, device, core, history, kind)
+                if budget is None or need <= budget:
+                    return MemoryPlan(core, halo, history, need, budget, kind)
             if core is None and history == HISTORIES[1]:
                 break  # the whole image only with a useful history; otherwise tiles
     smallest = cores[-1]
-    need = estimate(height, width, batch, channels, settings, dtype, device, smallest, HISTORIES[-1])
+    need = estimate(height, width, batch, channels, settings, dtype, device, smallest, HISTORIES[-1],
+                    HISTORY_DTYPES[-1])
     field = "max_memory" if settings.max_memory is not None else "max_memory (unset: the device's free memory)"
     what = f"a {smallest} px tile" if smallest else "the whole image"
     raise ResourceError(
         f"{field}: a {width}x{height} px output needs at least {_gib(need)} ({what}, a {HISTORIES[-1]}-step "
-        f"L-BFGS history), found a budget of {_gib(budget)}; raise max_memory to {_gib(need)} or more"
+        f"bfloat16 L-BFGS history), found a budget of {_gib(budget)}; raise max_memory to {_gib(need)} or more"
         + (", or lower tile" if settings.tile else "") + ", or lower size")
 
 

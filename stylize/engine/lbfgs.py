@@ -28,10 +28,15 @@ class BatchedLBFGS:
     return per-image losses, shape (b,), computed from ``x``.
     """
 
-    def __init__(self, x: Tensor, *, lr: float = 1.0, history: int = LBFGS_HISTORY):
+    def __init__(self, x: Tensor, *, lr: float = 1.0, history: int = LBFGS_HISTORY,
+                 history_dtype: torch.dtype = torch.float32):
         self.x = x
         self.lr = lr
         self.history = history
+        # bfloat16 halves the history's memory (a print-size level under a tight budget). The pairs keep
+        # about 3 significant digits; rho and gamma come from the float32 pair, and the recursion
+        # runs in float32 (one float32 copy of one pair at a time).
+        self.history_dtype = history_dtype
         self.s: list[Tensor] = []  # each (b, n)
         self.y: list[Tensor] = []
         self.rho: list[Tensor] = []  # each (b,); 0 where the pair failed the curvature test
@@ -56,12 +61,14 @@ class BatchedLBFGS:
         q = g.neg()
         alphas = []
         for s, y, rho in zip(reversed(self.s), reversed(self.y), reversed(self.rho)):
+            s, y = s.to(q.dtype), y.to(q.dtype)  # no copy for a float32 history
             alpha = rho * _dot(s, q)  # (b,)
             q.addcmul_(y, alpha[:, None], value=-1.0)
             alphas.append(alpha)
         if self.gamma is not None:
             q.mul_(self.gamma[:, None])
         for s, y, rho, alpha in zip(self.s, self.y, self.rho, reversed(alphas)):
+            s, y = s.to(q.dtype), y.to(q.dtype)
             beta = rho * _dot(y, q)
             q.addcmul_(s, (alpha - beta)[:, None])
         return q  # (b, n)
@@ -85,8 +92,8 @@ class BatchedLBFGS:
         # Curvature test relative to the scale of y, so tiny (per-element
         # normalized) gradients are not mistaken for flat curvature.
         ok = ys > 1e-10 * yy.clamp_min(1e-30)
-        self.s.append(s)
-        self.y.append(y)
+        self.s.append(s.to(self.history_dtype))
+        self.y.append(y.to(self.history_dtype))
         self.rho.append(torch.where(ok, 1.0 / ys.where(ok, torch.ones_like(ys)), torch.zeros_like(ys)))
         if len(self.s) > self.history:
             del self.s[0], self.y[0], self.rho[0]

@@ -130,11 +130,11 @@ class Level:
         """Per image: whether it converged before the level's last iteration."""
         return [i in self.frozen for i in range(len(self.iterations))]
 
-    def run(self, history: int) -> None:
+    def run(self, history: int, history_dtype: torch.dtype = torch.float32) -> None:
         """Optimize the level: its iterations, or until every image has converged."""
         steps = level_iterations(max(self.x.shape[-2:]), self.settings)
         if self.settings.optimizer == "lbfgs":
-            self._lbfgs(steps, history)
+            self._lbfgs(steps, history, history_dtype)
         else:
             self._adam(steps)
 
@@ -181,8 +181,8 @@ class Level:
         if step_taken and converged([r.total for r in self.records[i]], s):
             self.frozen[i] = self.x[i].detach().clone()
 
-    def _lbfgs(self, steps: int, history: int) -> None:
-        opt = BatchedLBFGS(self.x, lr=self.settings.step_size(), history=history)
+    def _lbfgs(self, steps: int, history: int, history_dtype: torch.dtype) -> None:
+        opt = BatchedLBFGS(self.x, lr=self.settings.step_size(), history=history, history_dtype=history_dtype)
         opt.start(self.evaluate)
         self.record(step_taken=False)
         for _ in range(steps):
@@ -494,7 +494,7 @@ class Engine:
                 objective = Objective(model, s, content_feats, style_grams, dtype, self.channels_last, self.fused,
                                       tiles=tiles)
                 level = new_level(x=start.clone().requires_grad_(True), objective=objective)
-                level.run(plan.history)
+                level.run(plan.history, plan.history_dtype)
                 return level, plan
             except torch.OutOfMemoryError:
                 smaller = smaller_tile(plan, h, w)
