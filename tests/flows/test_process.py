@@ -13,6 +13,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import Callable
 
 import boto3
 import pytest
@@ -90,8 +91,38 @@ def environment_without_api(tmp_path: Path, **extra: str) -> dict[str, str]:
     return env
 
 
+def start_watch_run(tmp_path: Path, s3, bucket: str, s3_server: str) -> tuple[subprocess.Popen, Callable]:
+    """``stylize watch`` (in-process runs, its own temporary API) whose queue holds a new manifest's
+    notification (real, from the S3 server); returns it and a test that its run is under way."""
+    sqs = boto3.session.Session().client("sqs", endpoint_url=s3_server, region_name="us-east-1")
+    queue = sqs.create_queue(QueueName=f"stylize-{uuid.uuid4().hex[:12]}")["QueueUrl"]
+    arn = sqs.get_queue_attributes(QueueUrl=queue, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    s3.put_bucket_notification_configuration(Bucket=bucket, NotificationConfiguration={"QueueConfigurations": [
+        {"QueueArn": arn, "Events": ["s3:ObjectCreated:*"],
+         "Filter": {"Key": {"FilterRules": [{"Name": "prefix", "Value": "manifests/"}]}}}]})
+    s3.put_object(Bucket=bucket, Key="in/cat.png", Body=(DATA / "chelsea.png").read_bytes())
+    s3.put_object(Bucket=bucket, Key="in/starry.jpg", Body=(DATA / "starry_night.jpg").read_bytes())
+    body = {"version": 1, "output": f"s3://{bucket}/out", "defaults": dict(FAST, iterations=5000, save_every=1),
+            "storage": {"endpoint_url": s3_server, "region": "us-east-1"},
+            "pairs": [{"content": f"s3://{bucket}/in/cat.png", "style": f"s3://{bucket}/in/starry.jpg"}]}
+    s3.put_object(Bucket=bucket, Key="manifests/long.yaml", Body=json.dumps(body).encode())  # JSON is YAML
+    log = open(tmp_path / "run.log", "wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "stylize.app.cli", "watch", "--queue-url", queue, "--manifest-prefix",
+         f"s3://{bucket}/manifests/", "--state-dir", str(tmp_path / "state"), "--wait-seconds", "1"],
+        cwd=ROOT, env=environment_without_api(tmp_path, AWS_ENDPOINT_URL=s3_server),
+        stdout=log, stderr=subprocess.STDOUT)
+    log.close()
+
+    def under_way() -> bool:  # its temporary API and a run that has written a snapshot
+        listing = s3.list_objects_v2(Bucket=bucket, Prefix="out/").get("Contents", [])
+        return bool(descendants(process.pid)) and any(".iter" in o["Key"] for o in listing)
+
+    return process, under_way
+
+
 @pytest.mark.parametrize("command", ["run", "run --dask local", "watch"])
-def test_kill_9_leaves_no_child_process(command, s3_server, tmp_path):
+def test_kill_9_leaves_no_child_process(command, s3_server, s3, bucket, tmp_path):
     if command.startswith("run"):
         # Under way (a snapshot per iteration shows it) and long enough to be killed mid-job. With
         # --dask local the children are also a Dask worker and multiprocessing's resource tracker.
@@ -100,17 +131,8 @@ def test_kill_9_leaves_no_child_process(command, s3_server, tmp_path):
         dask = ["--dask", "local", "--workers", "1"] if "dask" in command else []
         process = start_run(path, environment_without_api(tmp_path), *dask, log=tmp_path / "run.log")
         under_way = lambda: descendants(process.pid) and any((tmp_path / "out").glob("*.iter*.png"))  # noqa: E731
-    else:
-        sqs = boto3.session.Session().client("sqs", endpoint_url=s3_server, region_name="us-east-1")
-        queue = sqs.create_queue(QueueName=f"stylize-{uuid.uuid4().hex[:12]}")["QueueUrl"]
-        log = open(tmp_path / "run.log", "wb")
-        process = subprocess.Popen(
-            [sys.executable, "-m", "stylize.app.cli", "watch", "--queue-url", queue, "--manifest-prefix",
-             "s3://nowhere/manifests/", "--state-dir", str(tmp_path / "state"), "--wait-seconds", "1"],
-            cwd=ROOT, env=environment_without_api(tmp_path, AWS_ENDPOINT_URL=s3_server),
-            stdout=log, stderr=subprocess.STDOUT)
-        log.close()
-        under_way = lambda: descendants(process.pid) and (tmp_path / "state").exists()  # noqa: E731
+    else:  # killed in the middle of a run that a notification started
+        process, under_way = start_watch_run(tmp_path, s3, bucket, s3_server)
     children: set[tuple[int, int]] = set()
     try:
         wait_until(under_way, 240, f"stylize {command} to start its children", process)
@@ -125,4 +147,3 @@ def test_kill_9_leaves_no_child_process(command, s3_server, tmp_path):
             process.kill()
         for pid, _ in survivors(children):  # do not leave them to the next test
             os.kill(pid, signal.SIGKILL)
-
