@@ -99,9 +99,9 @@ def _transient_only(task, task_run, state) -> bool:
 
 @task(name="load-manifest", retries=3, retry_delay_seconds=exponential_backoff(1),
       retry_condition_fn=_transient_only, cache_policy=NO_CACHE, persist_result=False)
-def load(manifest_uri: str) -> Manifest:
+def load(manifest_uri: str, allow_local: list[str] | None = None) -> Manifest:
     """Read and validate the manifest (transient storage errors are retried)."""
-    return load_manifest(manifest_uri)
+    return load_manifest(manifest_uri, allow_local=allow_local)
 
 
 @task(name="probe-output", retries=3, retry_delay_seconds=exponential_backoff(1),
@@ -233,16 +233,17 @@ def _batch_sizes(requested: int | None, slots: list[str] | None) -> int | Callab
     return lambda job: for_settings(job.settings)
 
 
-def _jobs(doc: Manifest, storage: Storage, settings, output, shard) -> Iterator[Job]:
-    return (j for j in doc.jobs(storage, overrides=settings, output=output) if in_shard(j, shard))
+def _jobs(doc: Manifest, storage: Storage, settings, output, shard, clashes) -> Iterator[Job]:
+    return (j for j in doc.jobs(storage, overrides=settings, output=output, clashes=clashes) if in_shard(j, shard))
 
 
 @task(name="expand-manifest", retries=3, retry_delay_seconds=exponential_backoff(1),
       retry_condition_fn=_transient_only, cache_policy=NO_CACHE, persist_result=False)
-def count_jobs(doc: Manifest, storage: Storage, settings, output, shard) -> int:
-    """Expand the whole manifest once before any work: every naming problem surfaces now, and
-    the progress bar gets its total. Holds one listing page at a time, not the jobs."""
-    return sum(1 for _ in _jobs(doc, storage, settings, output, shard))
+def count_jobs(doc: Manifest, storage: Storage, settings, output, shard) -> tuple[int, dict]:
+    """Expand the whole manifest once before any work: every naming problem surfaces now, the
+    name clashes are known (all their jobs fail, the others run), and the progress bar gets its
+    total. Holds one listing page at a time, not the jobs."""
+    return doc.survey(storage, overrides=settings, output=output, shard=shard)
 
 
 class _Tally:
@@ -286,6 +287,7 @@ def stylize_catalog(
     settings: dict[str, Any] | None = None,
     images_per_batch: int | None = None,
     retry_delay: float = 2.0,
+    allow_local: list[str] | None = None,
 ) -> dict[str, Any]:
     """Stylize every job of ``manifest`` (a local path or s3:// URI).
 
@@ -302,7 +304,8 @@ def stylize_catalog(
     x 1, 2 and 4 s (jittered): a read by rerunning its group's task, a write
     by rerunning only the writes. On Dask (``catalog_on_dask``) each job runs on a
     worker's GPU, and ``devices``/``workers`` are refused. Fails after every
-    job has finished when more than ``max_failures`` failed. Returns the run summary.
+    job has finished when more than ``max_failures`` failed. Returns the run summary. An S3
+    manifest may name local paths only below ``allow_local`` (none for `watch` and Lambda runs).
     """
     started, began = time.perf_counter(), datetime.now(timezone.utc)
     shard_spec = parse_shard(shard) if shard else None
@@ -312,14 +315,14 @@ def stylize_catalog(
     in_flight = max_in_flight or max(16, 4 * slot_count)
     # Threads of this process see the event; on Dask the cluster cancels its own tasks.
     stop = threading.Event() if dask is None else None
-    doc = load(manifest)
+    doc = load(manifest, allow_local)
     storage = stop_storage(storage_for(doc), stop)
     probe_output(storage, output_root(output or doc.output))
-    total = count_jobs(doc, storage, settings, output, shard_spec)
+    total, clashes = count_jobs(doc, storage, settings, output, shard_spec)
     emit(RunStarted(total))
     tally = _Tally(total, JobLog(storage, output_root(output or doc.output), str(get_run_context().flow_run.id)))
     try:
-        _run_jobs(_jobs(doc, storage, settings, output, shard_spec), storage, tally,
+        _run_jobs(_jobs(doc, storage, settings, output, shard_spec, clashes), storage, tally,
                   in_flight=in_flight, images_per_batch=images_per_batch, slots=slots,
                   on_dask=dask is not None, stop=stop, retry_delay=retry_delay)
     except BaseException:

@@ -30,6 +30,22 @@ EXIT_INTERRUPTED, EXIT_TERMINATED = 128 + signal.SIGINT, 128 + signal.SIGTERM
 _CREDENTIAL_LOGGERS = ("boto3", "botocore", "s3transfer")
 
 
+def count_between(low: int, high: int):
+    """An argparse type: an integer from ``low`` to ``high``, else a one-line usage error."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, found {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"expected {low} to {high}, found {value}")
+        return value
+
+    parse.__name__ = "count"  # argparse names the type in its messages
+    return parse
+
+
 def settings_from(overrides: dict):
     """Validate overrides into Settings; errors name the flag."""
     from pydantic import ValidationError
@@ -120,9 +136,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
     """stylize validate MANIFEST"""
     from stylize.catalog.manifest import load_manifest, validate
 
-    count, problems = validate(args.manifest)
+    count, problems = validate(args.manifest, allow_local=args.allow_local)
     if not problems:
-        problems = output_problems(load_manifest(args.manifest))
+        problems = output_problems(load_manifest(args.manifest, allow_local=args.allow_local))
     if problems:
         print(f"stylize: invalid manifest {args.manifest}: {len(problems)} problem(s)", file=sys.stderr)
         for path, message in problems:
@@ -141,7 +157,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from stylize.catalog.manifest import in_shard, load_manifest, parse_shard, storage_for
     from stylize.catalog.outputs import claim
 
-    doc = load_manifest(args.manifest)
+    doc = load_manifest(args.manifest, allow_local=args.allow_local)
     storage = storage_for(doc)
     shard = parse_shard(args.shard) if args.shard else None
     counts = {"run": 0, "skip": 0, "error": 0}
@@ -204,7 +220,7 @@ def _run(args: argparse.Namespace) -> int:
     from stylize.catalog.manifest import load_manifest, parse_shard
     from stylize.app.view import ProgressView, quiet_failures, quiet_prefect
 
-    doc = load_manifest(args.manifest)  # exit 2 on an invalid manifest before Prefect starts
+    doc = load_manifest(args.manifest, allow_local=args.allow_local)  # exit 2 on an invalid manifest before Prefect starts
     probe_output(doc, args.output)  # exit 1 at once when the output cannot be written
     if args.shard:
         parse_shard(args.shard)
@@ -228,7 +244,8 @@ def _run(args: argparse.Namespace) -> int:
             manifest=args.manifest, output=args.output,
             devices=args.device.split(",") if args.device else None, workers=workers,
             max_failures=args.max_failures, shard=args.shard, settings=overrides or None,
-            images_per_batch=args.images_per_batch, max_in_flight=args.max_in_flight, return_state=True,
+            images_per_batch=args.images_per_batch, max_in_flight=args.max_in_flight,
+            allow_local=args.allow_local, return_state=True,
         )
     result = state.result(raise_on_failure=False)
     if isinstance(result, CatalogFailed):
@@ -252,6 +269,7 @@ def _register_catalog_commands(sub) -> None:
                        description="Check a manifest and that its inputs exist; exit 0 and the number of "
                                    "jobs, or exit 2 and every problem with its field path.")
     p.add_argument("manifest", help="path or s3:// URI of a YAML manifest")
+    _add_allow_local(p)
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("plan", help="list the jobs a run would do and skip, and estimate its time",
@@ -262,6 +280,7 @@ def _register_catalog_commands(sub) -> None:
     p.add_argument("manifest", help="path or s3:// URI of a YAML manifest")
     p.add_argument("--output", help="output root instead of the manifest's")
     p.add_argument("--shard", metavar="I/N", help="only the I-th of N disjoint parts")
+    _add_allow_local(p)
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("run", help="stylize every job of a manifest (Prefect flow, in-process)",
@@ -270,10 +289,10 @@ def _register_catalog_commands(sub) -> None:
                                    "any failed, 2 for an invalid manifest.")
     p.add_argument("manifest", help="path or s3:// URI of a YAML manifest")
     _add_flow_options(p, workers_note=" (with --dask local: the number of Dask workers)")
-    p.add_argument("--images-per-batch", type=int, metavar="N",
+    p.add_argument("--images-per-batch", type=count_between(1, 4096), metavar="N",
                    help="optimize up to N same-size images with the same styles together on one device "
                         "(default: on the CPU 2 in float32 and 1 in bf16, from free memory on CUDA)")
-    p.add_argument("--max-in-flight", type=int, metavar="N",
+    p.add_argument("--max-in-flight", type=count_between(1, 1_000_000), metavar="N",
                    help="jobs submitted at a time; memory stays flat however long the catalog "
                         "(default 4 per device slot, at least 16)")
     p.add_argument("--dask", metavar="ADDRESS|local",
@@ -281,8 +300,15 @@ def _register_catalog_commands(sub) -> None:
                         "(tcp://host:8786) or 'local' for worker processes here (one per GPU, else --workers "
                         "CPU workers); needs the 'dask' extra")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _add_allow_local(p)
     add_engine_options(p)
     p.set_defaults(func=cmd_run)
+
+
+def _add_allow_local(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-local", action="append", metavar="DIR",
+                   help="let a manifest read from S3 name local paths below DIR (repeatable); by default it "
+                        "may name only s3:// URIs. Local manifests may name any path")
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
@@ -384,9 +410,9 @@ def _add_flow_options(p: argparse.ArgumentParser, workers_note: str = "") -> Non
     """The catalog flow's parameters that ``run`` and ``serve`` share."""
     p.add_argument("--output", help="output root instead of the manifest's")
     p.add_argument("--device", help="comma-separated devices, e.g. cuda:0,cuda:1 or cpu (default: all GPUs, else cpu)")
-    p.add_argument("--workers", type=int, help="parallel jobs on the CPU, or at most this many GPUs" + workers_note)
+    p.add_argument("--workers", type=count_between(1, 1024), help="parallel jobs on the CPU, or at most this many GPUs" + workers_note)
     p.add_argument("--shard", metavar="I/N", help="run only the I-th of N disjoint parts (0-based)")
-    p.add_argument("--max-failures", type=int, default=0,
+    p.add_argument("--max-failures", type=count_between(0, 2**31 - 1), default=0,
                    help="the flow run fails when more jobs than this fail (default 0)")
 
 

@@ -45,13 +45,14 @@ import os
 import posixpath
 import re
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Iterator, Mapping
+from typing import Annotated, Any, Iterable, Iterator, Mapping
 
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, ValidationError, field_validator
 
 from stylize.errors import ConfigError, ManifestError, StorageError, TransientStorageError
 from stylize.engine.settings import Settings, settings_error_problems
+from stylize.catalog import confine
 from stylize.catalog.storage import (
     IMAGE_EXTENSIONS, Storage, child, glob_regex, has_image_extension, is_glob, is_listed_image, is_s3, join,
     local_path, output_root, parent, relative_to, split_glob,
@@ -101,9 +102,9 @@ class StorageOptions(_Strict):
 
     endpoint_url: str | None = None
     region: str | None = None
-    max_attempts: int | None = Field(None, ge=0)  # botocore's: retries after a request's first attempt
-    connect_timeout: float | None = Field(None, gt=0)  # seconds per attempt
-    read_timeout: float | None = Field(None, gt=0)
+    max_attempts: int | None = Field(None, ge=0, le=100)  # botocore's: retries after a request's first attempt
+    connect_timeout: float | None = Field(None, gt=0, le=3600)  # seconds per attempt
+    read_timeout: float | None = Field(None, gt=0, le=3600)
 
 
 class PairSpec(_Strict):
@@ -181,23 +182,50 @@ class Manifest:
         *,
         overrides: Mapping[str, Any] | None = None,
         output: str | None = None,
+        clashes: Mapping[str, list[tuple[str, str]]] | None = None,
     ) -> Iterator[Job]:
         """Every job, pairs first then the grid, in a stable order.
 
         ``overrides`` (settings, applied last) and ``output`` (a different
         output root) come from the caller. Raises ManifestError at the first
-        problem met while expanding (duplicate or unsafe output name, a
-        folder or glob with no images, an invalid override); use ``validate``
-        to collect all of them. A pair with invalid settings of its own comes
-        as a refused job (``Job.problem``). Only one S3 listing page is held
-        at a time.
+        problem met while expanding (an unsafe name the document gives, a
+        folder or glob with no images, an invalid override, an output the
+        grid would list); use ``validate`` to collect all of them. Failures
+        that concern single jobs come as refused jobs (``Job.problem``): a
+        pair's own invalid settings, a name derived from a listed file that
+        cannot be one, and every job of a name clash, each naming all the
+        sources of its name. ``clashes`` (from ``survey``) saves the
+        expansion that finds them. Only one S3 listing page is held at a time.
         """
-        for job, _checks in _Expansion(self, storage, overrides, output, None).run():
+        if clashes is None:
+            clashes = self.survey(storage, overrides=overrides, output=output)[1]
+        for job, _checks in _Expansion(self, storage, overrides, output, None, clashes=clashes).run():
             yield job
 
+    def survey(
+        self,
+        storage: Storage,
+        *,
+        overrides: Mapping[str, Any] | None = None,
+        output: str | None = None,
+        shard: tuple[int, int] | None = None,
+    ) -> tuple[int, dict[str, list[tuple[str, str]]]]:
+        """Expand once without keeping the jobs: (jobs in ``shard``, name clashes).
 
-def load_manifest(uri: str, storage: Storage | None = None) -> Manifest:
+        A clash maps an output name to every (field path, content URI) that
+        produces it; hand it to ``jobs`` so that all of them are refused,
+        the first one included. Raises as ``jobs`` does.
+        """
+        expansion = _Expansion(self, storage, overrides, output, None)
+        count = sum(1 for job, _ in expansion.run() if in_shard(job, shard))
+        return count, expansion.clashing
+
+
+def load_manifest(uri: str, storage: Storage | None = None, *, allow_local: Iterable[str] | None = None) -> Manifest:
     """Read and validate the manifest at ``uri`` (local path or s3://).
+
+    A manifest read from S3 may name local paths only below the folders in
+    ``allow_local`` (see ``stylize.catalog.confine``).
 
     ``storage`` reads the manifest itself (default: ``Storage()``, configured
     from the environment); the manifest's own ``storage`` block applies to what
@@ -206,7 +234,7 @@ def load_manifest(uri: str, storage: Storage | None = None) -> Manifest:
     as TransientStorageError so callers can retry.
     """
     uri = uri if is_s3(uri) else local_path(uri)
-    return parse_manifest(_read(uri, storage or Storage()), uri)
+    return parse_manifest(_read(uri, storage or Storage()), uri, allow_local=allow_local)
 
 
 def _read(uri: str, storage: Storage) -> bytes:
@@ -219,89 +247,189 @@ def _read(uri: str, storage: Storage) -> bytes:
         raise ManifestError(uri, [("", f"cannot read the manifest: {message}")]) from exc
 
 
-def parse_manifest(data: bytes | str, uri: str) -> Manifest:
+def parse_manifest(data: bytes | str, uri: str, *, allow_local: Iterable[str] | None = None) -> Manifest:
     """Validate manifest text as if it had been read from ``uri``.
 
     Invalid settings of a single pair do not fail the manifest: that pair
     becomes a refused job (see ``Job.problem``).
     """
     problems: list[Problem] = []
-    manifest = _parse(data, uri, problems, refuse_pairs=True)
+    manifest = _parse(data, uri, problems, refuse_pairs=True, allow_local=allow_local)
     if problems:
         raise ManifestError(uri, problems)
     return manifest
 
 
-def _parse(data: bytes | str, uri: str, problems: list[Problem], *, refuse_pairs: bool) -> Manifest:
+def _parse(data: bytes | str, uri: str, problems: list[Problem], *, refuse_pairs: bool,
+           allow_local: Iterable[str] | None = None) -> Manifest:
     """The manifest in ``data``, with its problems appended to ``problems``.
 
     ``refuse_pairs``: a pair's own invalid settings refuse that job (True) or
-    are problems too (False). ManifestError only when the text is no YAML mapping.
+    are problems too (False). ``allow_local``: local folders a manifest read
+    from S3 may name (see ``stylize.catalog.confine``). ManifestError only
+    when the text is no YAML mapping.
     """
     raw = _parse_yaml(data, uri)
     base = parent(uri)
-    for key in raw:
-        if key not in _TOP_KEYS:
-            problems.append((str(key), _unknown_key(str(key), _TOP_KEYS, "key")))
-
-    version = raw.get("version")
-    if "version" not in raw:
-        problems.append(("version", f"missing; add `version: {VERSION}`"))
-    elif version != VERSION or isinstance(version, bool):
-        problems.append(("version", f"expected {VERSION}, found {version!r}; this stylize reads version {VERSION} manifests"))
-
-    output = ""
-    if "output" not in raw:
-        problems.append(("output", "missing; name a local folder or s3://bucket/prefix for the results"))
-    elif not isinstance(raw["output"], str) or not raw["output"].strip():
-        problems.append(("output", f"expected a folder or s3://bucket/prefix, found {raw['output']!r}"))
-    else:
-        try:
-            output = output_root(join(base, raw["output"]))
-        except StorageError as exc:
-            problems.append(("output", str(exc)))
-
+    text_problems = _text_problems(raw)
+    if text_problems:  # NUL or control characters: nothing else is looked at, no path is resolved
+        problems += text_problems
+        return Manifest(uri=uri, base=base, output="", storage=None)
+    _check_top(raw, problems)
+    output = _parse_output(raw, base, problems)
     storage_options = None
     if raw.get("storage") is not None:
         storage_options = _validate_model(StorageOptions, raw["storage"], "storage", problems)
-
     defaults = raw.get("defaults")
     if defaults is None:
         defaults = {}
     elif not isinstance(defaults, dict):
         problems.append(("defaults", f"expected a mapping of settings, found {_kind(defaults)}"))
         defaults = {}
-
-    indexed: list[tuple[int, PairSpec]] = []
-    raw_pairs = raw.get("pairs")
-    if raw_pairs is None:
-        raw_pairs = []
-    elif not isinstance(raw_pairs, list):
-        problems.append(("pairs", f"expected a list of pairs, found {_kind(raw_pairs)}"))
-        raw_pairs = []
-    for i, item in enumerate(raw_pairs):
-        pair = _validate_model(PairSpec, item, f"pairs[{i}]", problems)
-        if pair is not None:
-            indexed.append((i, pair))
-
+    indexed = _parse_pairs(raw, problems)
     grid = None
     if raw.get("grid") is not None:
         grid = _validate_model(GridSpec, raw["grid"], "grid", problems)
-    if not raw_pairs and raw.get("grid") is None:
-        problems.append(("", _NO_PAIRS if "pairs" in raw and isinstance(raw["pairs"], list) else _NO_JOBS))
+    listed = raw.get("pairs")
+    if not (isinstance(listed, list) and listed) and raw.get("grid") is None:
+        problems.append(("", _NO_PAIRS if isinstance(raw.get("pairs"), list) else _NO_JOBS))
 
     manifest = Manifest(
         uri=uri, base=base, output=output, storage=storage_options,
         defaults=defaults, pairs=tuple(pair for _, pair in indexed), grid=grid,
     )
-    # Pairs (settings, weights, names, duplicates) and the grid's settings
-    # need no I/O: check them now so that one run reports everything.
+    if is_s3(uri):
+        problems += _confinement(manifest, indexed, confine.allowed_roots(allow_local))
+    if output:
+        problems += _feedback(manifest, output, "output")
+    # Pairs (settings, weights, names) and the grid's settings need no I/O:
+    # check them now so that one run reports everything.
     expansion = _Expansion(manifest, None, None, None, problems, refuse_pairs=refuse_pairs)
     expansion.check_defaults()
     for _ in expansion.pairs(indexed):
         pass
     expansion.grid_settings()
     return manifest
+
+
+def _check_top(raw: dict, problems: list[Problem]) -> None:
+    for key in raw:
+        if key not in _TOP_KEYS:
+            problems.append((str(key), _unknown_key(str(key), _TOP_KEYS, "key")))
+    version = raw.get("version")
+    if "version" not in raw:
+        problems.append(("version", f"missing; add `version: {VERSION}`"))
+    elif version != VERSION or isinstance(version, bool):
+        problems.append(("version", f"expected {VERSION}, found {version!r}; this stylize reads version {VERSION} manifests"))
+
+
+def _parse_output(raw: dict, base: str, problems: list[Problem]) -> str:
+    if "output" not in raw:
+        problems.append(("output", "missing; name a local folder or s3://bucket/prefix for the results"))
+    elif not isinstance(raw["output"], str) or not raw["output"].strip():
+        problems.append(("output", f"expected a folder or s3://bucket/prefix, found {raw['output']!r}"))
+    else:
+        try:
+            return output_root(join(base, raw["output"]))
+        except StorageError as exc:
+            problems.append(("output", str(exc)))
+    return ""
+
+
+def _parse_pairs(raw: dict, problems: list[Problem]) -> list[tuple[int, PairSpec]]:
+    """(index in the document, pair) of the valid ``pairs`` entries; the others are problems."""
+    raw_pairs = raw.get("pairs")
+    if raw_pairs is None:
+        return []
+    if not isinstance(raw_pairs, list):
+        problems.append(("pairs", f"expected a list of pairs, found {_kind(raw_pairs)}"))
+        return []
+    indexed = []
+    for i, item in enumerate(raw_pairs):
+        pair = _validate_model(PairSpec, item, f"pairs[{i}]", problems)
+        if pair is not None:
+            indexed.append((i, pair))
+    return indexed
+
+
+def _text_problems(raw: Any) -> list[Problem]:
+    """A problem per string of the document (keys included) with a NUL or control character:
+    no path or name may hold one, and a name with an escape sequence would reach terminals."""
+    problems: list[Problem] = []
+    stack: list[tuple[str, Any]] = [("", raw)]
+    while stack:  # a loop, not recursion: documents may nest deeply
+        path, value = stack.pop()
+        if isinstance(value, dict):
+            for key, item in value.items():
+                where = f"{path}.{key}" if path else str(key)
+                if isinstance(key, str) and _control(key):
+                    problems.append((path, f"key {key!r} contains {_control(key)}"))
+                stack.append((where, item))
+        elif isinstance(value, list):
+            stack += [(f"{path}[{i}]", item) for i, item in enumerate(value)]
+        elif isinstance(value, str) and _control(value):
+            problems.append((path, f"{value!r} contains {_control(value)}; paths and names may not"))
+    return sorted(problems)
+
+
+def _control(text: str) -> str | None:
+    """What control character ``text`` holds ("a NUL byte", "the control character U+001B"), or None."""
+    for c in text:
+        if c == "\x00":
+            return "a NUL byte"
+        if ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0:
+            return f"the control character U+{ord(c):04X}"
+    return None
+
+
+def _confinement(manifest: Manifest, indexed: list[tuple[int, PairSpec]], allowed: tuple[str, ...]) -> list[Problem]:
+    """The fields of a manifest read from S3 that name local paths outside ``allowed``."""
+    named: list[tuple[str, str]] = [("output", manifest.output)] if manifest.output else []
+    for i, pair in indexed:
+        named.append((f"pairs[{i}].content", pair.content))
+        named += _style_fields(f"pairs[{i}]", pair.style)
+        named += _path_settings(f"pairs[{i}].settings", pair.settings)
+    if manifest.grid is not None:
+        named += [(f"grid.contents[{j}]", e) for j, e in enumerate(manifest.grid.contents)]
+        named += [(f"grid.styles[{j}]", e) for j, e in enumerate(manifest.grid.styles)]
+        named += _path_settings("grid.settings", manifest.grid.settings)
+    named += _path_settings("defaults", manifest.defaults)
+    problems = []
+    for path, entry in named:
+        try:
+            uri = entry if path.endswith(".weights") else join(manifest.base, entry)
+        except StorageError:
+            continue  # reported where the path is resolved
+        why = confine.local_refusal(uri if is_s3(uri) else local_path(uri), allowed)
+        if why:
+            problems.append((path, why))
+    return problems
+
+
+def _style_fields(src: str, styles: tuple[str, ...]) -> list[tuple[str, str]]:
+    if len(styles) == 1:
+        return [(f"{src}.style", styles[0])]
+    return [(f"{src}.style[{k}]", style) for k, style in enumerate(styles)]
+
+
+def _path_settings(src: str, values: Mapping[str, Any]) -> list[tuple[str, str]]:
+    return [(f"{src}.{key}", value) for key, value in values.items() if confine.setting_is_path(key, value)]
+
+
+def _feedback(manifest: Manifest, output: str, output_field: str) -> list[Problem]:
+    """Refuse an output root that a grid entry would list: the next run would stylize the outputs."""
+    if manifest.grid is None:
+        return []
+    problems = []
+    for j, entry in enumerate(manifest.grid.contents):
+        try:
+            root = confine.listing_root(entry, join(manifest.base, entry))
+        except StorageError:
+            continue
+        why = root and confine.feedback_problem(output, output_field, root, f"grid.contents[{j}]")
+        if why:
+            problems.append((output_field, why))
+    return problems
 
 
 def storage_for(manifest: Manifest) -> Storage:
@@ -315,7 +443,8 @@ def storage_for(manifest: Manifest) -> Storage:
 
 
 def validate(
-    uri: str, storage: Storage | None = None, *, check_inputs: bool = True
+    uri: str, storage: Storage | None = None, *, check_inputs: bool = True,
+    allow_local: Iterable[str] | None = None,
 ) -> tuple[int, list[Problem]]:
     """Load and fully expand a manifest without running it: (number of jobs, problems).
 
@@ -330,37 +459,65 @@ def validate(
     problems: list[Problem] = []
     try:
         data = _read(uri, storage or Storage())
-        manifest = _parse(data, uri, problems, refuse_pairs=True)
+        manifest = _parse(data, uri, problems, refuse_pairs=True, allow_local=allow_local)
     except ManifestError as exc:
         return 0, exc.problems
     if problems:  # the document itself is invalid: report that, and the pairs' own settings
         problems = []
-        _parse(data, uri, problems, refuse_pairs=False)
+        _parse(data, uri, problems, refuse_pairs=False, allow_local=allow_local)
         return 0, problems
     storage = storage or storage_for(manifest)
     reported: set[Problem] = set()
-    exists: dict[str, bool | str] = {}
+    found: dict[str, str | None] = {}  # input URI or weights file -> why it cannot be used
     count = 0
-    for _job, checks in _Expansion(manifest, storage, None, None, problems, refuse_pairs=False).run():
+    for job, checks in _Expansion(manifest, storage, None, None, problems, refuse_pairs=False).run():
         count += 1
         if not check_inputs:
             continue
-        for path, target in checks:
-            if target not in exists:
-                try:
-                    exists[target] = storage.exists(target)
-                except StorageError as exc:
-                    exists[target] = str(exc)
-            found = exists[target]
-            if found is True:
-                continue
-            problem = (path, f"{target}: not found" if found is False else str(found))
+        for problem in _input_problems(manifest, job, checks, storage, found):
             if problem not in reported:
                 reported.add(problem)
                 problems.append(problem)
     if count == 0 and not problems:
         problems.append(("", _NO_JOBS))
     return count, problems
+
+
+def _input_problems(manifest: Manifest, job: Job, checks: list[tuple[str, str]], storage: Storage,
+                    found: dict[str, str | None]) -> Iterator[Problem]:
+    """(field path, why) for each input of ``job`` that is missing, and for a weights file that
+    is not one; ``found`` remembers the answers, so each URI is asked about once."""
+    for path, target in checks:
+        if target not in found:
+            try:
+                found[target] = None if storage.exists(target) else f"{target}: not found"
+            except StorageError as exc:
+                found[target] = str(exc)
+        if found[target]:
+            yield path, found[target]
+    weights = job.settings.weights if job.settings is not None else None
+    if confine.setting_is_path("weights", weights):
+        if weights not in found:
+            from stylize.engine.features import check_weights_file  # torch: only when a file is named
+            from stylize.errors import WeightsError
+
+            try:
+                check_weights_file(weights)
+                found[weights] = None
+            except WeightsError as exc:
+                found[weights] = str(exc)
+        if found[weights]:
+            yield _weights_field(manifest, job), found[weights]
+
+
+def _weights_field(manifest: Manifest, job: Job) -> str:
+    """The field path that set ``job``'s weights."""
+    if job.source.startswith("pairs["):  # validate expands only documents whose pairs are all valid
+        if "weights" in manifest.pairs[int(job.source[6:-1])].settings:
+            return f"{job.source}.settings.weights"
+    elif manifest.grid is not None and "weights" in manifest.grid.settings:
+        return "grid.settings.weights"
+    return "defaults.weights"
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -408,7 +565,7 @@ class _Expansion:
     """
 
     def __init__(self, manifest: Manifest, storage: Storage | None, overrides, output, problems, *,
-                 refuse_pairs: bool = True):
+                 refuse_pairs: bool = True, clashes: Mapping[str, list[tuple[str, str]]] | None = None):
         self.m = manifest
         self.storage = storage
         self.problems = problems
@@ -422,8 +579,12 @@ class _Expansion:
                 self.output = output_root(output)
             except StorageError as exc:
                 self.report([("output", str(exc))])
+            else:
+                self.report(_feedback(manifest, self.output, "--output"))
         # name -> (field path, content URI): duplicates must name both sources.
         self.seen: dict[str, tuple[str, str]] = {}
+        self.clashes = clashes  # known before (streaming): every job of these names is refused
+        self.clashing: dict[str, list[tuple[str, str]]] = {}  # found in this expansion
         self.index = 0
 
     def report(self, problems: list[Problem]) -> None:
@@ -447,56 +608,58 @@ class _Expansion:
     def pairs(self, indexed=None) -> Iterator[tuple[Job, list[tuple[str, str]]]]:
         """Jobs of the ``pairs`` list; ``indexed`` (index, pair) keeps field paths
         right when the document had invalid pairs."""
-        base = self.m.base
         for i, pair in indexed if indexed is not None else enumerate(self.m.pairs):
-            src = f"pairs[{i}]"
-            problems: list[Problem] = []
-            try:
-                content = join(base, pair.content)
-            except StorageError as exc:
-                problems.append((f"{src}.content", str(exc)))
-                content = pair.content
-            styles = []
-            style_paths = [f"{src}.style"] if len(pair.style) == 1 else [f"{src}.style[{k}]" for k in range(len(pair.style))]
-            for path, style in zip(style_paths, pair.style):
-                try:
-                    styles.append(join(base, style))
-                except StorageError as exc:
-                    problems.append((path, str(exc)))
-                    styles.append(style)
+            yield from self._pair(f"pairs[{i}]", pair)
 
-            layers = [self.defaults, _Layer(f"{src}.settings", _resolve_paths(pair.settings, base))]
-            invalid: list[Problem] = []  # of the merged settings, wherever the bad value came from
-            if pair.style_weights is not None:
-                weights_path = f"{src}.style_weights"
-                if len(pair.style_weights) != len(styles):
-                    invalid.append((weights_path, f"expected {len(styles)} weights, one per style image, found {len(pair.style_weights)}"))
-                elif "style_blend" in pair.settings:
-                    invalid.append((weights_path, "given together with settings.style_blend; keep one of them"))
-                else:
-                    layers.append(_Layer(src, {"style_blend": pair.style_weights}, {"style_blend": weights_path}))
-            layers.append(self.overrides)
-            settings, errors = _merge(layers)
-            invalid += errors
-            if settings is not None and settings.style_blend is not None and len(settings.style_blend) != len(styles):
-                invalid.append((_owner(layers, "style_blend"), f"style_blend has {len(settings.style_blend)} weights but {src} has {len(styles)} style images"))
-            # Only the pair's own mistakes refuse just its job; one in `defaults` or
-            # the caller's overrides concerns every job.
-            own = [p for p in invalid if self.refuse_pairs and _within(p[0], src)]
-            problems += [p for p in invalid if p not in own]
+    def _pair(self, src: str, pair: PairSpec) -> Iterator[tuple[Job, list[tuple[str, str]]]]:
+        problems: list[Problem] = []
+        content = self._resolve(pair.content, f"{src}.content", problems)
+        style_paths = [path for path, _ in _style_fields(src, pair.style)]
+        styles = [self._resolve(style, path, problems) for path, style in zip(style_paths, pair.style)]
+        settings, own, shared = self._pair_settings(src, pair, styles)
+        problems += shared
+        explicit = pair.name is not None
+        name = pair.name if explicit else _pair_name(content, styles)
+        named, refusal = self.claim(name, f"{src}.name" if explicit else src, src, content, derived=not explicit)
+        problems += named
+        if problems:
+            self.report(problems)
+            return
+        refusals = [f"{path}: {message}" for path, message in own] + ([refusal] if refusal else [])
+        if refusals:
+            yield self.job(name, content, tuple(styles), None, src, "; ".join(refusals)), []
+            return
+        checks = [(f"{src}.content", content), *zip(style_paths, styles)]
+        yield self.job(name, content, tuple(styles), settings, src), checks
 
-            explicit = pair.name is not None
-            name = pair.name if explicit else _pair_name(content, styles)
-            problems += self.claim(name, f"{src}.name" if explicit else src, src, content, derived=not explicit)
-            if problems:
-                self.report(problems)
-                continue
-            checks = [(f"{src}.content", content), *zip(style_paths, styles)]
-            if own:
-                refused = "; ".join(f"{path}: {message}" for path, message in own)
-                yield self.job(name, content, tuple(styles), None, src, refused), []
-                continue
-            yield self.job(name, content, tuple(styles), settings, src), checks
+    def _resolve(self, entry: str, path: str, problems: list[Problem]) -> str:
+        try:
+            return join(self.m.base, entry)
+        except StorageError as exc:
+            problems.append((path, str(exc)))
+            return entry
+
+    def _pair_settings(self, src: str, pair: PairSpec, styles: list[str]):
+        """(settings or None, the pair's own problems, problems of settings every job shares)."""
+        layers = [self.defaults, _Layer(f"{src}.settings", _resolve_paths(pair.settings, self.m.base))]
+        invalid: list[Problem] = []  # of the merged settings, wherever the bad value came from
+        if pair.style_weights is not None:
+            weights_path = f"{src}.style_weights"
+            if len(pair.style_weights) != len(styles):
+                invalid.append((weights_path, f"expected {len(styles)} weights, one per style image, found {len(pair.style_weights)}"))
+            elif "style_blend" in pair.settings:
+                invalid.append((weights_path, "given together with settings.style_blend; keep one of them"))
+            else:
+                layers.append(_Layer(src, {"style_blend": pair.style_weights}, {"style_blend": weights_path}))
+        layers.append(self.overrides)
+        settings, errors = _merge(layers)
+        invalid += errors
+        if settings is not None and settings.style_blend is not None and len(settings.style_blend) != len(styles):
+            invalid.append((_owner(layers, "style_blend"), f"style_blend has {len(settings.style_blend)} weights but {src} has {len(styles)} style images"))
+        # Only the pair's own mistakes refuse just its job; one in `defaults` or
+        # the caller's overrides concerns every job.
+        own = [p for p in invalid if self.refuse_pairs and _within(p[0], src)]
+        return settings, own, [p for p in invalid if p not in own]
 
     def grid_settings(self) -> Settings | None:
         grid = self.m.grid
@@ -524,9 +687,12 @@ class _Expansion:
             for content, rel, listed in self.sources(entry, src):
                 for style, style_path, style_listed in styles:
                     name = f"{rel}__{_stem(style)}"
-                    problems = self.claim(name, src, src, content, derived=True)
+                    problems, refusal = self.claim(name, src, src, content, derived=True)
                     if problems:
                         self.report(problems)
+                        continue
+                    if refusal:  # this photo's jobs fail, the catalog goes on
+                        yield self.job(name, content, (style,), None, src, refusal), []
                         continue
                     checks = [] if listed else [(src, content)]
                     if not style_listed:
@@ -561,7 +727,7 @@ class _Expansion:
             for item in self.storage.list(root):
                 rel = relative_to(item, root)
                 if regex.fullmatch(rel) and is_listed_image(rel):
-                    yield item, _strip_ext(rel), True
+                    yield item, _listed_name(rel), True
         elif not entry.endswith("/") and (has_image_extension(uri) or self.storage.exists(uri)):
             # A named file: the name is its stem. Existence is checked by
             # validate() or when the job reads it, not here (one request per file).
@@ -570,19 +736,32 @@ class _Expansion:
             for item in self.storage.list(uri):
                 rel = relative_to(item, uri)
                 if is_listed_image(rel):
-                    yield item, _strip_ext(rel), True
+                    yield item, _listed_name(rel), True
 
-    def claim(self, name: str, name_path: str, src: str, content: str, *, derived: bool) -> list[Problem]:
+    def claim(self, name: str, name_path: str, src: str, content: str, *,
+              derived: bool) -> tuple[list[Problem], str | None]:
+        """(problems, refusal) for output name ``name``: a name that cannot be used invalidates the
+        manifest when the document gives it, or (``refusal``, when jobs fail alone) fails only its
+        job when it comes from a listed file or clashes with another job's."""
         why = _unsafe_name(name)
         if why:
             origin = f" (derived from {content})" if derived else ""
-            return [(name_path, f"output name {name!r}{origin} {why}")]
+            message = f"output name {name!r}{origin} {why}"
+            if derived and src.startswith("grid") and self.refuse_pairs:
+                return [], message
+            return [(name_path, message)], None
         other = self.seen.get(name)
-        if other is not None:
-            return [(name_path, f"output name {name!r} is produced twice: by {other[0]} ({other[1]}) "
-                                f"and by {src} ({content}); give one a distinct `name:` or rename a file")]
-        self.seen[name] = (src, content)
-        return []
+        if other is None:
+            self.seen[name] = (src, content)
+            if not (self.clashes and name in self.clashes):
+                return [], None
+        if not self.refuse_pairs:  # validation: every clash is a problem
+            return [(name_path, _twice(name, [other, (src, content)]))], None
+        if self.clashes is None:  # a survey: collected, for the expansion that refuses them
+            self.clashing.setdefault(name, [other]).append((src, content))
+            return [], None
+        # Known from the survey; or the listing changed since, and only this second one is caught.
+        return [], _twice(name, self.clashes.get(name) or [other, (src, content)])
 
     def job(self, name: str, content: str, styles: tuple[str, ...], settings: Settings | None, src: str,
             problem: str | None = None) -> Job:
@@ -730,6 +909,9 @@ def _parse_yaml(data: bytes | str, uri: str) -> dict:
         raw = yaml.load(data, Loader=_Loader)
     except yaml.YAMLError as exc:
         raise ManifestError(uri, [("", _yaml_message(exc))]) from None
+    except RecursionError:  # PyYAML composes nested collections recursively
+        raise ManifestError(uri, [("", "not a manifest: collections nested too deeply (hundreds of levels); "
+                                       "a manifest nests a few levels")]) from None
     if not isinstance(raw, dict):
         raise ManifestError(uri, [("", f"expected a mapping with keys {', '.join(_TOP_KEYS)}, found {_kind(raw)}")])
     return raw
@@ -759,8 +941,9 @@ def _unsafe_name(name: str) -> str | None:
     """Why ``name`` cannot be an output name below the output root, or None."""
     if not name:
         return "is empty"
-    if "\x00" in name:
-        return "contains a NUL character"
+    control = _control(name)
+    if control:
+        return f"contains {control}"
     if "\\" in name:
         return "contains a backslash; use / for subfolders"
     if "://" in name:
@@ -775,8 +958,23 @@ def _unsafe_name(name: str) -> str | None:
     return None
 
 
+def _twice(name: str, sources: list[tuple[str, str]]) -> str:
+    """The message of a name clash, naming every source."""
+    times = "twice" if len(sources) == 2 else f"{len(sources)} times"
+    by = ", ".join(f"by {src} ({content})" for src, content in sources[:-1])
+    src, content = sources[-1]
+    return (f"output name {name!r} is produced {times}: {by} and by {src} ({content}); "
+            "give one a distinct `name:` or rename a file")
+
+
 def _stem(uri: str) -> str:
     return _strip_ext(posixpath.basename(uri.rstrip("/")))
+
+
+def _listed_name(relative: str) -> str:
+    """The name stem of a listed file: S3 keys may hold ``//`` (``x//y.png``), which names
+    the same output as ``x/y.png``; a clash between the two fails both jobs."""
+    return _strip_ext(re.sub("/{2,}", "/", relative))
 
 
 def _strip_ext(path: str) -> str:

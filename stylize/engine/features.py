@@ -115,11 +115,35 @@ def resolve_weights(spec: str, *, allow_download: bool | None = None) -> WeightS
             VGG19_Weights.IMAGENET1K_V1.get_state_dict(progress=False)
         return WeightSet("torchvision", TORCHVISION_PREPROCESS, str(path))
     path = Path(spec).expanduser()
-    if not path.is_file():
-        raise WeightsError(
-            f"weights {spec!r} is neither 'caffe', 'torchvision' nor an existing file"
-        )
+    check_weights_file(spec)
     return WeightSet(f"file:{path.name}", TORCHVISION_PREPROCESS, str(path.resolve()))
+
+
+#: How a file written by ``torch.save`` starts: a zip archive (since torch 1.6), or a pickle.
+_TORCH_MAGIC = (b"PK\x03\x04", b"\x80")
+
+
+def check_weights_file(spec: str) -> None:
+    """Raise WeightsError unless ``spec`` names a file that ``torch.save`` could have written.
+
+    Reads 4 bytes, so ``validate`` can call it before any run: a text file,
+    an image or a folder is refused with what was expected, not with the
+    unpickler's complaint ("list index out of range") at the first job.
+    """
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise WeightsError(f"weights {spec!r} is neither 'caffe', 'torchvision' nor an existing file")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as exc:
+        raise WeightsError(f"weights {spec!r}: cannot read {path} ({exc.strerror})") from None
+    if not head.startswith(_TORCH_MAGIC):
+        found = "an empty file" if not head else f"a file starting {head!r}"
+        raise WeightsError(
+            f"weights {spec!r}: {path} is not a PyTorch weights file; expected a VGG19 state dict saved with "
+            f"torch.save (a zip archive or a pickle), found {found}"
+        )
 
 
 @functools.lru_cache(maxsize=4)
@@ -140,7 +164,8 @@ def _load_state(name: str, source: str) -> dict[str, Tensor]:
         ) from None
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise WeightsError(f"cannot load VGG19 weights from {source}: {first}") from exc
+        raise WeightsError(f"cannot load VGG19 weights from {source}: {first}; expected a VGG19 state dict "
+                           "saved with torch.save") from exc
     if not isinstance(raw, dict):
         raise WeightsError(f"{source}: expected a dict of tensors, found {type(raw).__name__}")
     if name == "caffe":

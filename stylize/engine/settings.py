@@ -35,11 +35,11 @@ class Settings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
-    size: int = Field(512, ge=16, json_schema_extra={"metavar": "PX"}, description=(
+    size: int = Field(512, ge=16, le=65536, json_schema_extra={"metavar": "PX"}, description=(
         "Longest side of the output in pixels. 512 is where VGG19's receptive fields (about 200 px at "
         "relu5_1) still see whole brush strokes while a CPU run finishes in minutes; the paper's figures "
-        "are about this size. No fixed upper bound: max_pixels is the limit, and its error names the size "
-        "that fits."))
+        "are about this size. Beyond 65536 (the largest max_pixels allows) nothing fits; below, max_pixels "
+        "is the limit, and its error names the size that fits."))
     iterations: int = Field(500, ge=0, le=100000, json_schema_extra={"metavar": "N"}, description=(
         "L-BFGS iterations at full size. With --scales N, each coarser level runs up to the same number at "
         "a quarter of the cost per halving (at most a third extra in all); early stopping (--tolerance) "
@@ -89,7 +89,7 @@ class Settings(BaseModel):
     init: str = Field("content", json_schema_extra={"metavar": "content|random|PATH"}, description=(
         "Starting image: content, random (seeded noise) or an image's path or URI. The content image is "
         "fast and keeps the photo's structure; random gives more style."))
-    seed: int = Field(0, json_schema_extra={"metavar": "SEED"}, description=(
+    seed: int = Field(0, ge=0, le=2**63 - 1, json_schema_extra={"metavar": "SEED"}, description=(
         "Seed for random init; the same seed gives the same output on the CPU. It also makes CPU runs "
         "bit-for-bit reproducible."))
 
@@ -108,10 +108,10 @@ class Settings(BaseModel):
         "Stop a level when the loss improves by less than this fraction over tolerance_window (20) "
         "iterations; 0 disables early stopping. 1e-3 over 20 iterations is below what the eye can see at "
         "that point."))
-    tolerance_window: int = Field(20, ge=1, json_schema_extra={"cli": False}, description=(
+    tolerance_window: int = Field(20, ge=1, le=100000, json_schema_extra={"cli": False}, description=(
         "Iterations over which --tolerance measures the improvement. 20 spans the noise of single L-BFGS "
         "steps. Not a command-line flag: it only refines --tolerance."))
-    save_every: int = Field(0, ge=0, json_schema_extra={"metavar": "N"}, description=(
+    save_every: int = Field(0, ge=0, le=100000, json_schema_extra={"metavar": "N"}, description=(
         "Save an intermediate image every N iterations; 0 never. Off by default: each save is an encode "
         "and a write."))
 
@@ -131,7 +131,7 @@ class Settings(BaseModel):
         "VGG pass precision; auto uses bf16 where the hardware runs it fast. That is CUDA with bf16, and "
         "CPUs with AVX-512 BF16 or AMX; float32 elsewhere. Gram matrices and losses are always accumulated "
         "in float32."))
-    max_pixels: int = Field(4096 * 4096, ge=256, json_schema_extra={"metavar": "N"}, description=(
+    max_pixels: int = Field(4096 * 4096, ge=256, le=2**32, json_schema_extra={"metavar": "N"}, description=(
         "Pixel budget per output. 4096x4096 by default; a job over it (its size squared is the worst case) is refused "
         "before any work, with the size that would fit."))
     max_memory: str | None = Field(None, json_schema_extra={"metavar": "SIZE"}, description=(
@@ -143,7 +143,7 @@ class Settings(BaseModel):
         "Retry a job that runs out of device memory once at 0.7x the size, recorded as retried_at_size. "
         "Off by default: an output silently smaller than asked is not what a print needs; the engine first "
         "retries with smaller tiles, which keeps the size."))
-    tile: int | None = Field(None, ge=16, json_schema_extra={"metavar": "PX"}, description=(
+    tile: int | None = Field(None, ge=16, le=65536, json_schema_extra={"metavar": "PX"}, description=(
         "Force tiled optimization with tile cores of this many pixels (a multiple of 16); unset decides from "
         "max_memory. Each tile also computes a halo of 80 px around its core for the default layers, so "
         "cores under 256 px spend most of their time on halos."))
