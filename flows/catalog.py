@@ -280,14 +280,12 @@ def stylize_catalog(
     manifest: str,
     output: str | None = None,
     devices: list[str] | None = None,
-    workers: int | None = None,
-    max_failures: int = 0,
+    workers: int | None = None, max_failures: int = 0,
     shard: str | None = None,
     max_in_flight: int | None = None,
     settings: dict[str, Any] | None = None,
     images_per_batch: int | None = None,
-    retry_delay: float = 2.0,
-    allow_local: list[str] | None = None,
+    retry_delay: float = 2.0, allow_local: list[str] | None = None,
 ) -> dict[str, Any]:
     """Stylize every job of ``manifest`` (a local path or s3:// URI).
 

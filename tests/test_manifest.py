@@ -384,7 +384,8 @@ def test_grid_over_a_prefix_of_more_than_1000_keys_streams(s3_server, big_prefix
     """)
     calls = []
     storage.client.meta.events.register("before-call.s3.ListObjectsV2", lambda **kw: calls.append(1))
-    jobs = load_manifest(uri).jobs(storage)
+    # Given the clashes (the flow finds them in the expansion that counts the jobs), one pass.
+    jobs = load_manifest(uri).jobs(storage, clashes={})
     first = next(jobs)
     assert len(calls) == 1  # the second page is not fetched before it is needed
     assert first.name == "a/IMG_0000__starry_night" and first.content == f"s3://{bucket}/catalog/a/IMG_0000.jpg"
