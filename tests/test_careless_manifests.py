@@ -308,3 +308,54 @@ def test_run_counts_out_of_range_are_usage_errors(folder, capsys, flag, value):
         main(["run", write(folder, "output: out\n" + PAIR), flag, value])
     assert exit_.value.code == 2
     assert f"argument {flag}: expected" in capsys.readouterr().err
+
+
+# --- terminal output escapes control characters ------------------------------------------------
+
+NASTY = "evil\x1b[2J\x1b]0;owned\x07\nfailed fake: forged line\u202e[bold]"
+RAW = ("\x1b", "\x07", "\u202e", "\nfailed fake")
+
+
+def test_printable_escapes_every_control_character():
+    from stylize.app.view import plain, printable
+
+    assert printable("a\x1bb\nc\td\x7f\x9b\u202e\x00") == "a\\x1bb\\nc\\td\\x7f\\x9b\\u202e\\x00"
+    assert printable("café/ünïcode 写真.png") == "café/ünïcode 写真.png"
+    assert plain("[bold]x") == "\\[bold]x"
+
+
+def test_plan_prints_names_escaped(folder, capsys):
+    (folder / "photos" / f"{NASTY}.png").write_bytes((folder / "a.png").read_bytes())
+    uri = write(folder, "output: out\ngrid: {contents: ['photos/b.png', 'photos/e*.png'], styles: [s.jpg]}\n")
+    assert main(["plan", uri]) == 0
+    out = capsys.readouterr().out
+    assert not any(raw in out for raw in RAW), out
+    assert "\\x1b[2J" in out and "1 to run, 0 to skip, 1 with errors" in out
+    assert main(["validate", uri]) == 2
+    err = capsys.readouterr().err
+    assert not any(raw in err for raw in RAW) and "\\x1b[2J" in err, err
+
+
+def test_the_run_table_and_failure_lines_print_names_escaped(capsys):
+    from stylize.app.view import ProgressView
+
+    summary = {"manifest": f"/m/{NASTY}.yaml", "output": f"/o/{NASTY}", "summary_uri": f"/o/{NASTY}.json",
+               "seconds": 1.0, "counts": {"done": 0, "skipped": 0, "failed": 1, "total": 1},
+               "failures": [{"job": NASTY, "error": f"content: /p/{NASTY}.png: not an image", "kind": "InputError"}]}
+    ProgressView(enabled=False).print_summary(summary)
+    out = capsys.readouterr().out
+    assert not any(raw in out for raw in RAW), out
+    [line] = [line for line in out.splitlines() if line.startswith("failed ")]
+    assert line.count("\\x1b[2J") == 2 and "[bold]" in line  # shown as written, not taken as markup
+
+
+def test_image_prints_names_escaped(folder, capsys):
+    out = folder / f"{NASTY}.png"
+    code = main(["image", str(folder / "a.png"), str(folder / "s.jpg"), "-o", str(out), "--size", "32",
+                 "--iterations", "1", "--scales", "1", "--precision", "float32"])
+    text = capsys.readouterr()
+    assert code == 0 and out.exists()
+    assert not any(raw in text.out + text.err for raw in RAW) and "\\x1b[2J" in text.out
+    code = main(["image", str(folder / f"missing{NASTY}.png"), str(folder / "s.jpg"), "-o", str(folder / "o.png")])
+    err = capsys.readouterr().err
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "\\x1b[2J" in err

@@ -62,7 +62,7 @@ def settings_from(overrides: dict):
 
 def cmd_image(args: argparse.Namespace) -> int:
     """stylize image CONTENT STYLE [STYLE ...] -o OUT"""
-    from stylize.app.view import ProgressView
+    from stylize.app.view import ProgressView, printable
     from stylize.catalog import progress
     from stylize.catalog.jobs import JobRunner
     from stylize.engine import images
@@ -91,10 +91,10 @@ def cmd_image(args: argparse.Namespace) -> int:
         outcome = runner.run(job, storage, callback=report, skip_complete=False, image_uri=out, metadata_uri=meta,
                              thumbnails=False, overwrite=args.overwrite)
     if outcome.status == "failed":
-        print(f"stylize: error: {outcome.error}", file=sys.stderr)
+        print(f"stylize: error: {printable(outcome.error)}", file=sys.stderr)
         return EXIT_FAILED
     f = outcome.final
-    print(f"wrote {out} and {meta} in {outcome.seconds:.1f} s on {runner.device}: "
+    print(f"wrote {printable(out)} and {printable(meta)} in {outcome.seconds:.1f} s on {runner.device}: "
           f"{outcome.iterations} iterations, loss {f['total']:.4g} "
           f"(content {f['content']:.4g}, style {f['style']:.4g}, tv {f['tv']:.4g})")
     return EXIT_OK
@@ -134,17 +134,17 @@ def _extra_commands():
 
 def cmd_validate(args: argparse.Namespace) -> int:
     """stylize validate MANIFEST"""
+    from stylize.app.view import printable
     from stylize.catalog.manifest import load_manifest, validate
 
     count, problems = validate(args.manifest, allow_local=args.allow_local)
     if not problems:
         problems = output_problems(load_manifest(args.manifest, allow_local=args.allow_local))
     if problems:
-        print(f"stylize: invalid manifest {args.manifest}: {len(problems)} problem(s)", file=sys.stderr)
-        for path, message in problems:
-            print(f"  {path}: {message}" if path else f"  {message}", file=sys.stderr)
+        print(f"stylize: invalid manifest {printable(args.manifest)}: {len(problems)} problem(s)", file=sys.stderr)
+        _print_problems(problems)
         return EXIT_USAGE
-    print(f"{args.manifest}: valid, {count} job(s)")
+    print(f"{printable(args.manifest)}: valid, {count} job(s)")
     return EXIT_OK
 
 
@@ -156,6 +156,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from stylize.catalog.jobs import key_for, read_inputs
     from stylize.catalog.manifest import in_shard, load_manifest, parse_shard, storage_for
     from stylize.catalog.outputs import claim
+    from stylize.app.view import printable
 
     doc = load_manifest(args.manifest, allow_local=args.allow_local)
     storage = storage_for(doc)
@@ -180,7 +181,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         except StylizeError as exc:
             action, detail = "error", str(exc)
         counts[action] += 1
-        print(f"{action:5} {job.name}  {detail}")
+        print(f"{action:5} {printable(job.name)}  {printable(detail)}")
     print(f"{counts['run']} to run, {counts['skip']} to skip, {counts['error']} with errors")
     for line in estimate.lines() if estimate is not None else []:
         print(line)
@@ -218,7 +219,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from stylize.errors import ConfigError
     from stylize.catalog.manifest import load_manifest, parse_shard
-    from stylize.app.view import ProgressView, quiet_failures, quiet_prefect
+    from stylize.app.view import ProgressView, printable, quiet_failures, quiet_prefect
 
     doc = load_manifest(args.manifest, allow_local=args.allow_local)  # exit 2 on an invalid manifest before Prefect starts
     probe_output(doc, args.output)  # exit 1 at once when the output cannot be written
@@ -256,11 +257,11 @@ def _run(args: argparse.Namespace) -> int:
         if isinstance(result, BaseException) and isinstance(result, StylizeError):
             raise result
         hint = "" if args.verbose else " (-v logs the traceback)"
-        print(f"stylize: error: the run failed: {result}{hint}", file=sys.stderr)
+        print(f"stylize: error: the run failed: {printable(result)}{hint}", file=sys.stderr)
         return EXIT_FAILED
     view.print_summary(summary)
     if summary.get("report_uri"):
-        print(f"report: {summary['report_uri']}")
+        print(f"report: {printable(summary['report_uri'])}")
     return EXIT_FAILED if summary["counts"]["failed"] else EXIT_OK
 
 
@@ -399,7 +400,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "workers": args.workers, "shard": args.shard, "max_failures": args.max_failures,
         "settings": overrides or None,
     }
-    print(f"serving stylize-catalog/{args.name} for {manifest} on {url}: cron '{args.cron}' ({args.timezone}), "
+    from stylize.app.view import printable
+
+    print(f"serving stylize-catalog/{printable(args.name)} for {printable(manifest)} on {url}: cron '{args.cron}' ({args.timezone}), "
           "one run at a time; Ctrl+C stops serving and pauses the schedule", flush=True)
     serve_catalog(manifest, name=args.name, schedule=schedule,
                   parameters={k: v for k, v in given.items() if v is not None})
@@ -430,6 +433,7 @@ def _register_serve_command(sub) -> None:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """stylize report OUTPUT [--run ID] [-o FILE]: rebuild a report from metadata files."""
+    from stylize.app.view import printable
     from stylize.catalog.report import build_catalog_report, build_run_report
     from stylize.catalog.storage import Storage, output_root
 
@@ -441,7 +445,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     else:
         report = build_catalog_report(storage, root, target=target, base_url=args.base_url)
     c = report.counts
-    print(f"wrote {report.uri} ({len(report.pages)} page(s)): {c.get('done', 0)} done, "
+    print(f"wrote {printable(report.uri)} ({len(report.pages)} page(s)): {c.get('done', 0)} done, "
           f"{c.get('skipped', 0)} skipped, {c.get('failed', 0)} failed"
           + (f"; skipped {report.problems} unreadable metadata file(s), listed in the report"
              if report.problems else ""))
@@ -465,8 +469,17 @@ def _register_report_command(sub) -> None:
     p.set_defaults(func=cmd_report)
 
 
+def _print_problems(problems: list[tuple[str, str]]) -> None:
+    """A manifest's problems on stderr, one line each, control characters escaped."""
+    from stylize.app.view import printable
+
+    for path, message in problems:
+        print(printable(f"  {path}: {message}" if path else f"  {message}"), file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``stylize`` console script."""
+    from stylize.app.view import printable
     from stylize.errors import ManifestError
 
     parser = build_parser()
@@ -478,12 +491,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except ManifestError as exc:
-        print(f"stylize: invalid manifest {exc.source}:", file=sys.stderr)
-        for path, message in exc.problems:
-            print(f"  {path}: {message}" if path else f"  {message}", file=sys.stderr)
+        print(f"stylize: invalid manifest {printable(exc.source)}:", file=sys.stderr)
+        _print_problems(exc.problems)
         return EXIT_USAGE
     except StylizeError as exc:
-        print(f"stylize: error: {exc}", file=sys.stderr)
+        print(f"stylize: error: {printable(exc)}", file=sys.stderr)
         return EXIT_USAGE if type(exc).__name__ in ("ConfigError", "WeightsError") else EXIT_FAILED
     except Terminated:
         print("stylize: stopped by SIGTERM", file=sys.stderr)

@@ -10,12 +10,38 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import sys
 import threading
 from typing import Any, Iterator
 
 from stylize.catalog import progress
 from stylize.catalog.runs import format_utilization
+
+
+# C0 and C1 controls, DEL, line and paragraph separators, and the bidirectional overrides that
+# can make a name read backwards: none reaches the terminal raw.
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+_SHORT = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def printable(text: object) -> str:
+    """``text`` with every control character written as an escape (``\\x1b``, ``\\n``, ``\\u202e``).
+
+    File names come from whoever uploaded the photos; one with an escape
+    sequence or a newline must not move the cursor, recolour the terminal or
+    forge a line of output. Everything that prints a name, a URI or a message
+    that may hold one goes through here.
+    """
+    return _UNPRINTABLE.sub(lambda m: _SHORT.get(m[0]) or (f"\\x{ord(m[0]):02x}" if ord(m[0]) < 0x100
+                                                          else f"\\u{ord(m[0]):04x}"), str(text))
+
+
+def plain(text: object) -> str:
+    """``printable`` text that rich prints as written: no ``[markup]`` taken from a name."""
+    from rich.markup import escape
+
+    return escape(printable(text))
 
 
 def quiet_prefect() -> None:
@@ -109,7 +135,7 @@ class ProgressView:
             elif isinstance(event, progress.JobFinished) and self._jobs is not None:
                 outcome = event.outcome
                 self._progress.update(self._jobs, completed=event.finished,
-                                      detail=f"last: {outcome.job} {outcome.status}")
+                                      detail=f"last: {plain(outcome.job)} {outcome.status}")
             elif isinstance(event, progress.Iteration):
                 self._iteration(event)
 
@@ -122,7 +148,7 @@ class ProgressView:
             self._progress.reset(self._iterations, total=event.limit)
         self._progress.update(
             self._iterations, completed=rec.iteration - self._first,
-            description=f"{event.job} (scale {rec.scale})",
+            description=f"{plain(event.job)} (scale {rec.scale})",
             detail=f"loss {rec.total:.4g} (c {rec.content:.3g} s {rec.style:.3g} tv {rec.tv:.3g})",
         )
 
@@ -133,7 +159,7 @@ class ProgressView:
 
         console = Console()
         c = summary["counts"]
-        table = Table(title=f"stylize run: {summary['manifest']}", show_header=True)
+        table = Table(title=f"stylize run: {plain(summary['manifest'])}", show_header=True)
         for column in ("done", "skipped", "failed", "total", "seconds", "device utilization"):
             table.add_column(column, justify="right")
         table.add_row(str(c["done"]), str(c["skipped"]), str(c["failed"]), str(c["total"]),
@@ -142,9 +168,9 @@ class ProgressView:
         # soft_wrap: one line per failure however long (the terminal folds it, rich does not
         # break it), so the lines can be read, grepped and counted.
         for failure in summary["failures"][:50]:
-            console.print(f"[red]failed[/red] {failure['job']}: {failure['error']}", markup=True, highlight=False,
-                          soft_wrap=True)
+            console.print(f"[red]failed[/red] {plain(failure['job'])}: {plain(failure['error'])}", markup=True,
+                          highlight=False, soft_wrap=True)
         if len(summary["failures"]) > 50:
             console.print(f"... and {len(summary['failures']) - 50} more failures")
-        console.print(f"outputs in {summary['output']}; summary at {summary['summary_uri']}", highlight=False,
-                      soft_wrap=True)
+        console.print(f"outputs in {plain(summary['output'])}; summary at {plain(summary['summary_uri'])}",
+                      highlight=False, soft_wrap=True)
