@@ -164,7 +164,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     counts = {"run": 0, "skip": 0, "error": 0}
     unwritable = output_problems(doc, args.output)
     for _, message in unwritable:
-        print(f"error output  {message}")
+        print(f"error output  {printable(message)}")
         counts["error"] += 1
     # An output that cannot be written has no history to estimate from (it may be a file).
     estimate = None if unwritable else Estimate(storage, output_root(args.output or doc.output))
