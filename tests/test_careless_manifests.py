@@ -359,3 +359,16 @@ def test_image_prints_names_escaped(folder, capsys):
     code = main(["image", str(folder / f"missing{NASTY}.png"), str(folder / "s.jpg"), "-o", str(folder / "o.png")])
     err = capsys.readouterr().err
     assert code == 1 and len(err.strip().splitlines()) == 1 and "\\x1b[2J" in err
+
+
+def test_log_lines_reach_the_terminal_escaped(folder):
+    import subprocess
+    import sys
+
+    uri = write(folder, "output: out\n" + PAIR)
+    code = ("import logging, sys; from stylize.app.cli import main; main(['validate', sys.argv[1]]); "
+            "logging.getLogger('stylize.watch').warning('message for %s', sys.argv[2])")
+    run = subprocess.run([sys.executable, "-c", code, uri, f"s3://b/photos/{NASTY}.png"], capture_output=True,
+                         text=True, timeout=120, cwd=Path(__file__).parent.parent)
+    assert "WARNING stylize.watch: message for s3://b/photos/evil\\x1b[2J" in run.stderr, run.stderr
+    assert not any(raw in run.stderr for raw in RAW), run.stderr

@@ -479,13 +479,16 @@ def _print_problems(problems: list[tuple[str, str]]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``stylize`` console script."""
-    from stylize.app.view import printable
+    from stylize.app.view import PrintableFormatter, printable
     from stylize.errors import ManifestError
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    fresh = not logging.getLogger().handlers  # else basicConfig adds none (an embedding program's)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    if fresh:  # names in log lines (the watcher's object keys) reach the terminal escaped
+        logging.getLogger().handlers[0].setFormatter(PrintableFormatter("%(levelname)s %(name)s: %(message)s"))
     for name in _CREDENTIAL_LOGGERS:
         logging.getLogger(name).setLevel(max(logging.INFO, logging.getLogger().level))
     try:

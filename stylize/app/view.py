@@ -44,6 +44,14 @@ def plain(text: object) -> str:
     return escape(printable(text))
 
 
+class PrintableFormatter(logging.Formatter):
+    """A log formatter that escapes control characters (``printable``), tracebacks excepted:
+    the watcher logs the keys of uploaded objects, and a key is anyone's choice of bytes."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return printable(super().formatMessage(record))
+
+
 def quiet_prefect() -> None:
     """Environment for a clean in-process run: no telemetry, Prefect's own logs at WARNING.
 
