@@ -52,7 +52,7 @@ def test_a_name_clash_fails_only_its_jobs_and_the_rest_runs(tmp_path):
 
 
 def test_s3_keys_that_clash_fail_alone_and_an_s3_manifest_cannot_read_local_files(
-        s3, bucket, s3_server, image_bytes, tmp_path, capsys):
+        s3, bucket, s3_server, env, image_bytes, tmp_path, capsys):
     put_inputs(s3, bucket, image_bytes, photos=("z",))
     for key in ("photos/x//y.png", "photos/x/y.png"):
         put(s3, bucket, key, image_bytes("png", size=(32, 24)))
