@@ -102,3 +102,30 @@ def test_an_output_that_cannot_be_written_fails_before_any_job(folder, s3_server
     assert isinstance(error, NotFoundError if where == "bucket" else StorageError)
     assert str(error).startswith(f"output {output}: cannot be written: ")
     assert (folder / "taken").read_text() == "a file where the output folder should be"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_two_runs_with_different_settings_at_once_leave_every_metadata_matching_its_image(
+        tmp_path, s3, bucket, s3_server, where):
+    from faults import cli_env, start_run
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("chelsea.png", "astronaut.png", "shipwreck.jpg"):
+        shutil.copy(DATA / name, photos / name)
+    shutil.copy(DATA / "starry_night.jpg", tmp_path / "s.jpg")
+    output = str(tmp_path / "out") if where == "local" else f"s3://{bucket}/out"
+    storage = f'storage: {{endpoint_url: "{s3_server}", region: us-east-1}}\n' if where == "s3" else ""
+    uri = manifest(tmp_path, output, f"{storage}grid: {{contents: [photos/], styles: [s.jpg]}}\n")
+    runs = [start_run(uri, cli_env(tmp_path / f"prefect{i}"), "--iterations", str(i), log=tmp_path / f"run{i}.log")
+            for i in (2, 3)]
+    for i, process in zip((2, 3), runs):
+        assert process.wait(300) == 0, (tmp_path / f"run{i}.log").read_text()[-3000:]
+    store = Storage(endpoint_url=s3_server if where == "s3" else None)
+    names = [uri for uri in store.list(output) if uri.endswith(".json") and "/_runs/" not in uri]
+    assert len(names) == 3
+    for uri in names:
+        meta = metadata.read_metadata(store, uri)
+        assert not meta.get("pending") and meta["settings"]["iterations"] in (2, 3), uri
+        assert metadata.image_matches(store, uri.removesuffix(".json") + ".png", meta["output"]), uri
