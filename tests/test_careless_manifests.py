@@ -372,3 +372,13 @@ def test_log_lines_reach_the_terminal_escaped(folder):
                          text=True, timeout=120, cwd=Path(__file__).parent.parent)
     assert "WARNING stylize.watch: message for s3://b/photos/evil\\x1b[2J" in run.stderr, run.stderr
     assert not any(raw in run.stderr for raw in RAW), run.stderr
+
+
+@pytest.mark.parametrize("flag, value", [("--debounce", "nan"), ("--debounce", "inf"), ("--debounce", "-1"),
+                                         ("--max-wait", "1e308"), ("--wait-seconds", "x")])
+def test_watch_numbers_out_of_range_are_usage_errors(capsys, flag, value):
+    with pytest.raises(SystemExit) as exit_:
+        main(["watch", "--queue-url", "http://127.0.0.1:1/q", flag, value])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}:" in err and "Traceback" not in err

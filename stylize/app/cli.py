@@ -46,6 +46,22 @@ def count_between(low: int, high: int):
     return parse
 
 
+def seconds_between(low: float, high: float):
+    """An argparse type: a finite number of seconds from ``low`` to ``high``, else a usage error."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number of seconds, found {text!r}") from None
+        if not low <= value <= high:  # also refuses nan and inf
+            raise argparse.ArgumentTypeError(f"expected {low:g} to {high:g} seconds, found {text}")
+        return value
+
+    parse.__name__ = "seconds"
+    return parse
+
+
 def settings_from(overrides: dict):
     """Validate overrides into Settings; errors name the flag."""
     from pydantic import ValidationError
@@ -356,9 +372,9 @@ def _register_watch_command(sub) -> None:
     p.add_argument("--images-prefix", metavar="S3_PREFIX", help="new images here start runs of --standing-manifest")
     p.add_argument("--standing-manifest", metavar="URI",
                    help="manifest whose grid covers --images-prefix; finished jobs are skipped on each run")
-    p.add_argument("--debounce", type=float, default=60.0, metavar="SECONDS",
+    p.add_argument("--debounce", type=seconds_between(0, 12 * 3600), default=60.0, metavar="SECONDS",
                    help="start the image run once uploads pause this long (default 60)")
-    p.add_argument("--max-wait", type=float, metavar="SECONDS",
+    p.add_argument("--max-wait", type=seconds_between(0, 12 * 3600), metavar="SECONDS",
                    help="start it at the latest this long after the first image (default 10 x --debounce)")
     p.add_argument("--deployment", metavar="FLOW/DEPLOYMENT",
                    help="start runs of this Prefect deployment (e.g. stylize-catalog/catalog) and do not wait; "
@@ -384,7 +400,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return uri if "://" in uri else os.path.abspath(uri)
 
     manifest = absolute(args.manifest)
-    load_manifest(manifest)  # exit 2 on an invalid manifest before anything is registered
+    load_manifest(manifest, allow_local=args.allow_local)  # exit 2 on an invalid manifest before anything is registered
     if args.shard:
         parse_shard(args.shard)
     overrides = engine_overrides(args)
@@ -398,7 +414,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "output": absolute(args.output) if args.output else None,
         "devices": args.device.split(",") if args.device else None,
         "workers": args.workers, "shard": args.shard, "max_failures": args.max_failures,
-        "settings": overrides or None,
+        "settings": overrides or None, "allow_local": args.allow_local,
     }
     from stylize.app.view import printable
 
@@ -427,6 +443,7 @@ def _register_serve_command(sub) -> None:
     p.add_argument("--timezone", default="UTC", help="IANA time zone of the cron schedule (default UTC)")
     p.add_argument("--name", default="nightly", help="deployment name (default nightly)")
     _add_flow_options(p)
+    _add_allow_local(p)
     add_engine_options(p)
     p.set_defaults(func=cmd_serve)
 
