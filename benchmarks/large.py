@@ -4,7 +4,9 @@ Run from the repository root (each measurement is its own subprocess, so peak RS
 
     .venv/bin/python benchmarks/large.py                  # every part; the 4096 px row last (~30 min on 2 cores)
     .venv/bin/python benchmarks/large.py --skip-4096      # without the 4096 px row
-    .venv/bin/python benchmarks/large.py --quick          # 256/512 px smoke test of every part
+    .venv/bin/python benchmarks/large.py --quick          # 256/512 px smoke test of every part (part 3: a
+                                                          # 512 px print of a 128 px preview, the schedule's
+                                                          # thresholds scaled by 1/4)
 
 Parts, in one run:
 
@@ -49,6 +51,10 @@ def child_run(spec: dict) -> dict:
     from stylize.engine.optimize import Engine
     from stylize.engine.settings import Settings
 
+    if spec.get("print_base"):  # --quick: the print schedule at a smaller scale (see part_schedule)
+        from stylize.engine import schedule
+
+        schedule.PRINT_BASE, schedule.PRINT_FROM = spec["print_base"], 2 * spec["print_base"]
     content = Image.open(spec["content"]).convert("RGB")
     style = Image.open(spec["style"]).convert("RGB")
     s = Settings(**spec["settings"])
@@ -113,7 +119,7 @@ def child_judge(spec: dict) -> dict:
     content = Image.open(spec["content"]).convert("RGB")
     style = Image.open(spec["style"]).convert("RGB")
     s = Settings()
-    return {name: engine.judge(Image.open(path).convert("RGB"), content, [style], s, size=512)
+    return {name: engine.judge(Image.open(path).convert("RGB"), content, [style], s, size=spec["size"])
             for name, path in spec["images"].items()}
 
 
@@ -196,10 +202,12 @@ def part_schedule(args, workdir: Path) -> None:
         f"{args.budget}, default levels and early stopping)")
     paths = {"print": str(workdir / "print.png"), "preview": str(workdir / "preview.png")}
     base = dict(iterations=n, precision="float32", max_memory=args.budget)
+    # --quick scales the schedule's 512/1024 px thresholds with the sizes, so the print schedule still runs.
+    scaled = {"print_base": top // 4} if args.quick else {}
     preview = run_child("run", {"content": str(CONTENT), "style": str(STYLE), "output": paths["preview"],
-                                "settings": dict(base, size=top // 4)})
+                                "settings": dict(base, size=top // 4), **scaled})
     printed = run_child("run", {"content": str(CONTENT), "style": str(STYLE), "output": paths["print"],
-                                "settings": dict(base, size=top)})
+                                "settings": dict(base, size=top), **scaled})
     for name, row in (("preview", preview), ("print", printed)):
         levels = ", ".join(f"{max(lv['size'])}" + (f" tile {lv['tile']}" if lv["tile"] else "")
                            + f": {n} it {sec:.0f} s"
@@ -207,11 +215,11 @@ def part_schedule(args, workdir: Path) -> None:
         say(f"  {name:<8} {row['seconds']:7.0f} s   levels {levels}   peak RSS {row['peak_rss_mib']:.0f} MiB "
             f"[load {row['load']:.1f}]")
     say(f"  print / preview time: {printed['seconds'] / preview['seconds']:.1f}x")
-    judged = run_child("judge", {"content": str(CONTENT), "style": str(STYLE), "images": paths})
+    judged = run_child("judge", {"content": str(CONTENT), "style": str(STYLE), "images": paths, "size": top // 4})
     for loss in ("content", "style"):
         a, b = judged["print"][loss], judged["preview"][loss]
         diff = abs(a - b) / max(a, b)
-        say(f"  judged at 512 px, {loss}: print {a:.4g}, preview {b:.4g}: {diff:.0%} apart "
+        say(f"  judged at {top // 4} px, {loss}: print {a:.4g}, preview {b:.4g}: {diff:.0%} apart "
             f"(target <= 15%: {'met' if diff <= 0.15 else 'NOT met'})")
 
 
