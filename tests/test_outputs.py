@@ -223,3 +223,28 @@ def test_run_validate_and_plan_report_an_output_that_cannot_be_written(photos, c
     assert f"output: output {output}: cannot be written" in capsys.readouterr().err
     assert main(["plan", uri]) == 0
     assert f"error output  output {output}: cannot be written" in capsys.readouterr().out
+
+
+def test_image_on_s3_never_replaces_its_content_and_keeps_foreign_objects(s3_server, s3, bucket, capsys,
+                                                                         monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
+    photo = (DATA / "chelsea.png").read_bytes()
+    s3.put_object(Bucket=bucket, Key="photos/a.png", Body=photo)
+    s3.put_object(Bucket=bucket, Key="s.jpg", Body=(DATA / "starry_night.jpg").read_bytes())
+    s3.put_object(Bucket=bucket, Key="out/notes.json", Body=b'{"shopping": ["milk"]}')
+    args = [f"s3://{bucket}/photos/a.png", f"s3://{bucket}/s.jpg", "-o"]
+    # S3 keys are verbatim ("photos/./a.png" is another object), so only the same key is the input.
+    assert image([*args, f"s3://{bucket}/photos/a.png", "--overwrite"]) == 1
+    assert "is the job's content input" in capsys.readouterr().err
+    assert s3.get_object(Bucket=bucket, Key="photos/a.png")["Body"].read() == photo
+    assert image([*args, f"s3://{bucket}/out/notes.png"]) == 1
+    assert "out/notes.json exists and is not stylize metadata" in capsys.readouterr().err
+    assert image([*args, f"s3://{bucket}/out/notes.png", "--overwrite"]) == 0
+    meta = json.loads(s3.get_object(Bucket=bucket, Key="out/notes.json")["Body"].read())
+    assert metadata.image_matches(Storage(), f"s3://{bucket}/out/notes.png", meta["output"])
+
+
+def test_a_240_character_name_is_written_on_s3(s3_server, s3, bucket):
+    uri = f"s3://{bucket}/out/{'n' * 240}.png"
+    info = Storage(endpoint_url=s3_server).write(uri, b"picture")
+    assert info.etag == s3.head_object(Bucket=bucket, Key=f"out/{'n' * 240}.png")["ETag"].strip('"')
