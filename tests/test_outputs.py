@@ -248,3 +248,11 @@ def test_a_240_character_name_is_written_on_s3(s3_server, s3, bucket):
     uri = f"s3://{bucket}/out/{'n' * 240}.png"
     info = Storage(endpoint_url=s3_server).write(uri, b"picture")
     assert info.etag == s3.head_object(Bucket=bucket, Key=f"out/{'n' * 240}.png")["ETag"].strip('"')
+
+
+def test_probe_passes_when_only_its_delete_is_refused(s3_server, bucket, caplog):
+    # A run never deletes (a pending document replaces stale metadata): write-only access is enough.
+    with FaultProxy(s3_server, kinds=("403",), methods=("DELETE",)) as proxy:
+        Storage(endpoint_url=proxy.url, max_attempts=0).probe(f"s3://{bucket}/out")
+    assert [kind for kind, _, _ in proxy.faults] == ["403"]
+    assert "the write probe s3://" in caplog.text and "was left behind" in caplog.text

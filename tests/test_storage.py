@@ -10,6 +10,7 @@ import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
 
 from stylize.errors import NotFoundError, StorageError, TransientStorageError
+from stylize.catalog import metadata
 from stylize.catalog.storage import (
     ObjectInfo, Storage, _s3_error, glob_regex, is_s3, join, output_root, parent, relative_to, split_glob,
 )
@@ -180,9 +181,13 @@ def test_s3_large_write_uses_multipart(storage, s3, bucket):
     storage.multipart_threshold = 5 * 1024 * 1024  # S3's smallest part size
     data = os.urandom(11 * 1024 * 1024)
     uri = f"s3://{bucket}/big.bin"
-    storage.write(uri, data)
+    info = storage.write(uri, data)
     assert storage.read(uri) == data
     assert storage.stat(uri).etag.endswith("-2")  # a multipart ETag: <md5>-<parts>
+    # Not the MD5 of the data, so the write returns the ETag that metadata records and a HEAD compares.
+    assert info.etag == storage.stat(uri).etag
+    assert metadata.image_matches(storage, uri, metadata.output_record(uri, data, info.etag))
+    assert not metadata.image_matches(storage, uri, metadata.output_record(uri, data))  # the MD5 alone
 
 
 def test_s3_missing_key_and_bucket(storage, bucket):
