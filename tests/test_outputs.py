@@ -119,7 +119,7 @@ def manifest(folder: Path, body: str) -> str:
 
 
 @pytest.mark.parametrize("output", ["photos", "./photos", "other/../photos"])
-def test_a_pair_whose_output_is_its_content_fails_alone(photos, output):
+def test_a_pair_whose_output_is_its_content_fails_alone(photos, output, capsys):
     uri = manifest(photos, f"output: {output}\npairs:\n  - {{content: photos/a.png, style: s.jpg, name: a}}\n"
                            f"  - {{content: photos/a.png, style: s.jpg, name: b}}\n")
     refused, fine = load_manifest(uri).jobs(Storage())
@@ -127,6 +127,9 @@ def test_a_pair_whose_output_is_its_content_fails_alone(photos, output):
     assert outcome.status == "failed" and outcome.kind == "OverwriteError"
     assert outcome.error.startswith("pairs[0]: output image ") and "content input" in outcome.error
     assert isinstance(prepare(fine, Storage()), Prepared)
+    assert main(["plan", uri]) == 0  # plan says so too, before any run
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("error a  pairs[0]: output image ") and lines[1].startswith("run   b  ")
 
 
 def test_snapshots_and_metadata_never_land_on_inputs(photos):
