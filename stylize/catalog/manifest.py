@@ -28,10 +28,13 @@ needs no I/O and reports every problem at once, each with its field path;
 
 One bad pair does not stop a batch: a pair whose own settings are invalid
 (``pairs[i].settings``, ``pairs[i].style_weights``) becomes a refused job
-(``Job.problem``) that fails with that message while the others run.
+(``Job.problem``) that fails with that message while the others run. So do
+the jobs of a name clash (``a.jpg`` beside ``a.png``; each failure names
+every source) and a listed photo whose name cannot be an output name.
 Everything else (the document's shape, ``defaults``, ``grid.settings``,
-output names, caller overrides) concerns every job or the catalog's layout,
-so it invalidates the whole manifest. ``validate`` reports both kinds.
+names the document gives, caller overrides, where the manifest may point:
+``stylize.catalog.confine``) concerns every job or the catalog's layout, so
+it invalidates the whole manifest. ``validate`` reports both kinds.
 
 Output names are relative paths below ``output``: absolute names, URIs and
 ``..`` are refused. The YAML loader constructs no objects (``!!python/...``
@@ -558,10 +561,13 @@ class _Expansion:
     """Turns a Manifest into jobs; reports problems by raising or by collecting.
 
     ``problems=None`` raises ManifestError at the first problem (streaming
-    use); a list collects them all (validation). With ``refuse_pairs`` a
-    pair's own settings problems make it a refused job instead of being
-    reported. Yields ``(job, checks)`` where ``checks`` are the (field path,
-    URI) inputs not known to exist.
+    use); a list collects them all (validation). With ``refuse_pairs`` the
+    problems of single jobs (a pair's own settings, a listed photo's name, a
+    name clash) make refused jobs instead of being reported. Name clashes
+    are known only once every name was seen: without ``clashes`` they are
+    collected in ``clashing`` (a survey), with them every job of a clashing
+    name is refused. Yields ``(job, checks)`` where ``checks`` are the
+    (field path, URI) inputs not known to exist.
     """
 
     def __init__(self, manifest: Manifest, storage: Storage | None, overrides, output, problems, *,
