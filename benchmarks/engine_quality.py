@@ -20,12 +20,14 @@ a. ``pastiche`` CLI, N L-BFGS iterations, with its loss weights set so that
    the same size as ours (``--style-size``);
 b. our engine, N fixed full-size float32 iterations (one scale, no early
    stopping);
-c. our engine with the default schedule (two scales, early stopping,
+c. our engine with the default schedule (two scales, ``stop: done``,
    precision ``auto``, which is bf16 on CPUs with AVX-512 BF16 or AMX), taking
    an in-memory snapshot of the full-size level every ``--snapshot-every``
    iterations with the time it was taken (``Record.seconds`` of that
    iteration). With ``--quick`` its iteration budget per level is N, not the
    default, so that the smoke test ends soon;
+c'. the same with ``stop: converged``, the higher-quality preset (the default
+   schedule before issue 15);
 d. our engine, ``--precision-check-iterations`` fixed full-size iterations in
    bfloat16; its float32 twin is run (b)'s snapshot at that iteration (the
    L-BFGS iterates do not depend on the iteration budget).
@@ -47,10 +49,17 @@ What it reports:
   step; ours is after it). A check that both minimize the same objective.
 * **judged content / style / total** of each final image.
 * **Q**, the N-iteration quality (the issue's "500-iteration quality" at the
-  defaults): the judged total of run (b). The **time to quality** of the
-  default schedule is the time of its first snapshot (or its final image)
-  whose judged total is at most Q; also against pastiche's judged total.
-  Ratios to the times of (a) and (b). It is resolved to the snapshot interval.
+  defaults): the judged total of run (b). The **time to quality** of a
+  schedule (c, c') is the time of its first snapshot (or its final image)
+  whose judged total is at most Q, and at most Q + 1%; also against
+  pastiche's judged total. Ratios to the times of (a) and (b). It is resolved
+  to the snapshot interval.
+* **cost**: a run's iterations in full-size units, each coarse iteration
+  counted by its share of the full size's pixels: unlike seconds, it does not
+  depend on the load of a shared machine.
+* The ``stop: done`` target (issue 15): the default run takes at most
+  ``TARGET_DONE_TIME_FRACTION`` of the ``converged`` preset's time, with its
+  judged total within ``TARGET_DONE_LOSS_TOLERANCE`` of Q.
 * The CPU targets from the issue: time to the 500-iteration quality at most
   ``TARGET_QUALITY_TIME_FRACTION`` of pastiche's N iterations, with the
   default schedule's final judged total at most pastiche's; and bf16 judged
@@ -77,6 +86,10 @@ from _common import (DEFAULT_CONTENT, DEFAULT_STYLE, PASTICHE, check_pastiche, c
 TARGET_QUALITY_TIME_FRACTION = 0.35
 #: bf16 judged losses within this fraction of float32's.
 TARGET_BF16_LOSS_TOLERANCE = 0.05
+#: ``stop: done`` against ``stop: converged`` (the schedule before issue 15): at most this share of its
+#: time, with the judged total within this fraction of Q.
+TARGET_DONE_TIME_FRACTION = 0.6
+TARGET_DONE_LOSS_TOLERANCE = 0.01
 
 #: pastiche multiplies each content layer's MSE by this when ``content_layer_weights`` is
 #: None, which its CLI passes unless ``--content-layer-weights`` is given
@@ -131,6 +144,7 @@ def child_quality_run(spec: dict) -> dict:
         # Iterations per level: each level's last record minus the previous level's.
         "level_iterations": [max(r.iteration for r in records if r.scale == level)
                              for level in range(1, full_level + 1)],
+        "level_sizes": [list(size) for size in result.sizes],
         "stopped_early": result.stopped_early,
         "own_loss": records[-1].total,
         "final": final,
@@ -201,6 +215,7 @@ class QualityRun:
     label: str
     seconds: float | None = None  # of the optimization, setup included
     iterations: str = ""  # what ran, for the table
+    cost: float | None = None  # iterations in full-size units (a coarse one by its share of the pixels)
     precision: str = ""
     own_loss: float | None = None
     final: str | None = None  # path of the final image
@@ -212,15 +227,17 @@ class QualityRun:
 
 @dataclass
 class QualityRuns:
-    """The runs of the quality part: (a) pastiche, (b) fixed float32, (c) default schedule, (d) bf16 check."""
+    """The runs of the quality part: (a) pastiche, (b) fixed float32, (c) default schedule, (c') the
+    ``converged`` preset, (d) bf16 check."""
 
     pastiche: QualityRun
     fixed: QualityRun
     schedule: QualityRun
+    fine: QualityRun
     bf16: QualityRun
 
     def all(self) -> list[QualityRun]:
-        return [self.pastiche, self.fixed, self.schedule, self.bf16]
+        return [self.pastiche, self.fixed, self.schedule, self.fine, self.bf16]
 
 
 def quality_settings(args: argparse.Namespace, **overrides) -> dict:
@@ -244,6 +261,8 @@ def run_ours(args: argparse.Namespace, label: str, inputs: dict[str, str], out: 
     per_level = [b - a for a, b in zip([0, *levels], levels)]
     run.iterations = " + ".join(f"{count} (stopped early)" if early else str(count)
                                 for count, early in zip(per_level, report["stopped_early"]))
+    pixels = [w * h for w, h in report["level_sizes"]]
+    run.cost = sum(count * p / pixels[-1] for count, p in zip(per_level, pixels))
     return run
 
 
@@ -252,6 +271,9 @@ def run_pastiche_quality(args: argparse.Namespace, inputs: dict[str, str], out: 
     from stylize.engine.settings import Settings
 
     run = QualityRun(f"pastiche {version('pastiche')}, {args.reference_iterations} fixed, float32")
+    if args.skip_pastiche:
+        run.error = "skipped (--skip-pastiche)"
+        return run
     progress(f"quality: {run.label}")
     settings = Settings(**quality_settings(args))
     child = run_child([
@@ -271,6 +293,7 @@ def run_pastiche_quality(args: argparse.Namespace, inputs: dict[str, str], out: 
         return run
     run.seconds, run.own_loss, run.final = elapsed[-1], losses[-1], str(out)
     run.iterations, run.precision = str(len(elapsed) - 1), "float32"
+    run.cost = float(len(elapsed) - 1)
     return run
 
 
@@ -296,13 +319,18 @@ def run_all(args: argparse.Namespace, inputs: dict[str, str], workdir: Path) -> 
     pastiche = run_pastiche_quality(args, inputs, workdir / "pastiche.png")
     fixed = run_ours(args, f"stylize {n} fixed, float32", inputs, workdir / "fixed-f32",
                      iterations=n, scales=1, tolerance=0, precision="float32", save_every=p)
-    # In quick mode the default schedule gets the reference budget, so that it ends soon.
+    # In quick mode the schedules get the reference budget, so that they end soon.
     schedule_iterations = n if args.quick else Settings().iterations
-    schedule = run_ours(args, "stylize default schedule", inputs, workdir / "default",
+    schedule = run_ours(args, f"stylize default schedule (stop: {Settings().stop})", inputs, workdir / "default",
                         iterations=schedule_iterations, save_every=args.snapshot_every)
-    bf16 = run_ours(args, f"stylize {p} fixed, bfloat16", inputs, workdir / "fixed-bf16",
-                    iterations=p, scales=1, tolerance=0, precision="bfloat16")
-    return QualityRuns(pastiche, fixed, schedule, bf16)
+    fine = run_ours(args, "stylize stop: converged (preset)", inputs, workdir / "converged",
+                    iterations=schedule_iterations, save_every=args.snapshot_every, stop="converged")
+    if p:
+        bf16 = run_ours(args, f"stylize {p} fixed, bfloat16", inputs, workdir / "fixed-bf16",
+                        iterations=p, scales=1, tolerance=0, precision="bfloat16")
+    else:
+        bf16 = QualityRun("stylize bfloat16 check", error="skipped (--precision-check-iterations 0)")
+    return QualityRuns(pastiche, fixed, schedule, fine, bf16)
 
 
 def judge_all(args: argparse.Namespace, inputs: dict[str, str], runs: QualityRuns) -> dict[str, dict]:
@@ -352,19 +380,20 @@ def print_runs(args: argparse.Namespace, inputs: dict[str, str], runs: QualityRu
           f"content_weight {defaults.content_weight:g}, style_weight {defaults.style_weight:g}; pastiche's "
           f"weights matched: {' '.join(pastiche_weight_args(Settings(**quality_settings(args))))}).")
     print(f"Judged: Engine.judge, float32, at {w}x{h}: that same objective on the final 8-bit image.\n")
-    header = ("run", "iterations", "precision", "seconds", "own loss", "judged content", "judged style",
+    header = ("run", "iterations", "precision", "seconds", "cost", "own loss", "judged content", "judged style",
               "judged total", "peak RSS MiB")
     lines = []
     for run in runs.all():
         j = run.judged or {}
         lines.append((
             run.label if not run.error else f"{run.label} (FAILED)", run.iterations, run.precision,
-            fmt(run.seconds, ".1f"), fmt(run.own_loss, ".4g"), fmt(j.get("content"), ".4g"),
+            fmt(run.seconds, ".1f"), fmt(run.cost, ".0f"), fmt(run.own_loss, ".4g"), fmt(j.get("content"), ".4g"),
             fmt(j.get("style"), ".4g"), fmt(j.get("total"), ".4g"), fmt(run.peak_rss_mib, ".0f"),
         ))
     print_columns(header, lines, left=3)
     print("seconds: the optimization, setup included (weights, style Grams; for the default schedule, the "
           "coarse level too);")
+    print("cost: iterations in full-size units (a coarse iteration counts by its share of the pixels);")
     print("own loss: the last loss the run reported for itself, before rounding to 8-bit pixels "
           "(pastiche's is at the iterate before its last step).")
     for run in runs.all():
@@ -384,44 +413,72 @@ def print_snapshots(args: argparse.Namespace, run: QualityRun, judged: dict[str,
     print_columns(("iteration", "seconds", "judged total"), lines, left=1)
 
 
+def print_reached(run: QualityRun, runs: QualityRuns, judged: dict[str, dict], name: str,
+                  threshold: float, n: int) -> tuple[float, str] | None:
+    """When ``run`` first reaches a judged total of ``threshold`` (named ``name``), against (a) and (b)."""
+    hit = time_to(run, judged, threshold)
+    if hit is None:
+        print(f"  {run.label} never reaches {name} ({threshold:.5g}) in its snapshots or final image")
+        return None
+    seconds, which = hit
+    fixed, pastiche = runs.fixed, runs.pastiche
+    ratios = [f"{seconds / fixed.seconds:.2f}x ours float32 {n} fixed ({fixed.seconds:.1f} s)"]
+    if pastiche.seconds:
+        ratios.insert(0, f"{seconds / pastiche.seconds:.2f}x pastiche {n} fixed ({pastiche.seconds:.1f} s)")
+    print(f"  {run.label} reaches {name} at {seconds:.1f} s ({which}): {', '.join(ratios)}")
+    return hit
+
+
 def print_time_to_quality(args: argparse.Namespace, runs: QualityRuns,
                           judged: dict[str, dict]) -> tuple[float, str] | None:
-    """Q, each run's final judged total against it, and when the default schedule reaches Q (returned)."""
+    """Q, each run's final judged total against it, and when each schedule reaches Q; returns the default's."""
     n = args.reference_iterations
-    pastiche, fixed, schedule = runs.pastiche, runs.fixed, runs.schedule
+    pastiche, fixed = runs.pastiche, runs.fixed
     q = fixed.judged["total"]
     print(f"  Q, the {n}-iteration quality (stylize float32, {n} fixed): judged total {q:.5g} "
           f"in {fixed.seconds:.1f} s")
+    targets = [("Q", q), ("Q + 1%", q * (1 + TARGET_DONE_LOSS_TOLERANCE))]
     if pastiche.judged is not None:
         print(f"  pastiche, {n} fixed: judged total {pastiche.judged['total']:.5g} ({rel(pastiche.judged['total'], q)} "
               f"vs Q) in {pastiche.seconds:.1f} s")
-    print(f"  default schedule ({schedule.precision}, {schedule.iterations} iterations): final judged total "
-          f"{schedule.judged['total']:.5g} ({rel(schedule.judged['total'], q)} vs Q) in {schedule.seconds:.1f} s")
-    targets = [("Q", q)]
-    if pastiche.judged is not None:
         targets.append(("pastiche's judged total", pastiche.judged["total"]))
-    reached: dict[str, tuple[float, str] | None] = {}
-    for name, threshold in targets:
-        reached[name] = hit = time_to(schedule, judged, threshold)
-        if hit is None:
-            print(f"  default schedule never reaches {name} ({threshold:.5g}) in its snapshots or final image")
+    reached_q = None
+    for run in (runs.schedule, runs.fine):
+        if run.judged is None:
             continue
-        seconds, which = hit
-        ratios = [f"{seconds / fixed.seconds:.2f}x ours float32 {n} fixed ({fixed.seconds:.1f} s)"]
-        if pastiche.seconds:
-            ratios.insert(0, f"{seconds / pastiche.seconds:.2f}x pastiche {n} fixed ({pastiche.seconds:.1f} s)")
-        print(f"  default schedule reaches {name} at {seconds:.1f} s ({which}): {', '.join(ratios)}")
+        print(f"  {run.label} ({run.precision}, {run.iterations} iterations, cost {run.cost:.0f}): final judged "
+              f"total {run.judged['total']:.5g} ({rel(run.judged['total'], q)} vs Q) in {run.seconds:.1f} s")
+        for name, threshold in targets:
+            hit = print_reached(run, runs, judged, name, threshold, n)
+            if run is runs.schedule and name == "Q":
+                reached_q = hit
     if args.snapshot_every:
         print(f"  (time to quality is resolved to snapshots every {args.snapshot_every} iterations)")
-    return reached["Q"]
+    return reached_q
+
+
+def print_done_target(runs: QualityRuns) -> None:
+    """Issue 15: the default (``stop: done``) against the ``converged`` preset and Q."""
+    done, fine, q = runs.schedule, runs.fine, runs.fixed.judged["total"]
+    what = (f"default (stop: done) at most {TARGET_DONE_TIME_FRACTION}x the time of the converged preset, judged "
+            f"total within {TARGET_DONE_LOSS_TOLERANCE:.0%} of Q")
+    if done.judged is None or fine.judged is None:
+        print(f"  [-------] {what}: not measured")
+        return
+    fraction, cost_fraction = done.seconds / fine.seconds, done.cost / fine.cost
+    loss = done.judged["total"] / q - 1
+    met = fraction <= TARGET_DONE_TIME_FRACTION and loss <= TARGET_DONE_LOSS_TOLERANCE
+    print(f"  [{verdict(met)}] {what}: {fraction:.2f}x ({done.seconds:.1f} s vs {fine.seconds:.1f} s; cost "
+          f"{cost_fraction:.2f}x, {done.cost:.0f} vs {fine.cost:.0f}), judged total {100 * loss:+.2f}% vs Q "
+          f"(converged preset: {rel(fine.judged['total'], q)})")
 
 
 def print_targets(args: argparse.Namespace, runs: QualityRuns, reached_q: tuple[float, str] | None,
                   judged: dict[str, dict]) -> None:
-    """The issue's CPU targets: time to quality against pastiche, and bf16 against float32."""
+    """The issue's CPU targets: time to quality against pastiche, stop: done, and bf16 against float32."""
     n, p = args.reference_iterations, args.precision_check_iterations
     pastiche, schedule, bf16 = runs.pastiche, runs.schedule, runs.bf16
-    print(f"\nTargets (issue), CPU, at {args.quality_size} px:")
+    print(f"\nTargets (issues), CPU, at {args.quality_size} px:")
     if pastiche.judged is None or not pastiche.seconds:
         print(f"  [-------] time to the {n}-iteration quality <= {TARGET_QUALITY_TIME_FRACTION}x pastiche's: "
               "pastiche did not run")
@@ -435,6 +492,7 @@ def print_targets(args: argparse.Namespace, runs: QualityRuns, reached_q: tuple[
               f"of {n} fixed pastiche iterations, at equal or better final losses: {when}; final judged total "
               f"{schedule.judged['total']:.5g} vs pastiche's {pastiche.judged['total']:.5g} "
               f"({'equal or better' if final_ok else 'worse'})")
+    print_done_target(runs)
     twin = next((s for s in runs.fixed.snapshots if s["iteration"] == p), None)  # bf16's float32 twin
     if bf16.judged is None or twin is None:
         print(f"  [-------] bf16 judged losses within {TARGET_BF16_LOSS_TOLERANCE:.0%} of float32: not measured")
@@ -455,6 +513,7 @@ def run_quality(args: argparse.Namespace, workdir: Path) -> None:
     judged = judge_all(args, inputs, runs)
     print_runs(args, inputs, runs)
     print_snapshots(args, runs.schedule, judged)
+    print_snapshots(args, runs.fine, judged)
     print(f"\nSummary, time to quality at {args.quality_size} px (TV weight 0 everywhere; judged = objective):")
     if runs.fixed.judged is None or runs.schedule.judged is None:
         print("  not measured: our fixed or default-schedule run failed")
@@ -486,8 +545,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     quality.add_argument("--snapshot-every", type=int, default=25,
                          help="iterations between snapshots of the default schedule (default: 25)")
     quality.add_argument("--precision-check-iterations", type=int, default=100,
-                         help="fixed iterations of the bf16-vs-float32 check; at most --reference-iterations "
-                              "(default: 100)")
+                         help="fixed iterations of the bf16-vs-float32 check; at most --reference-iterations, "
+                              "0 skips it (default: 100)")
+    quality.add_argument("--skip-pastiche", action="store_true",
+                         help="leave out pastiche's run (a), the slowest; its targets are then not measured")
     quality.add_argument("--quality-dir", type=Path,
                          help="keep the quality part's images here (default: a temporary directory)")
 
@@ -499,14 +560,15 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         args.precision_check_iterations = 5
     if args.reference_iterations < 1 or args.snapshot_every < 1:
         parser.error("--reference-iterations and --snapshot-every must be at least 1")
-    if not 1 <= args.precision_check_iterations <= args.reference_iterations:
-        parser.error("--precision-check-iterations must be between 1 and --reference-iterations: its float32 "
-                     "side is the float32 reference run's image at that iteration")
+    if not 0 <= args.precision_check_iterations <= args.reference_iterations:
+        parser.error("--precision-check-iterations must be between 0 (no check) and --reference-iterations: its "
+                     "float32 side is the float32 reference run's image at that iteration")
     for path in (args.content, args.style):
         if not path.is_file():
             parser.error(f"image {path} does not exist")
     args.content, args.style = args.content.resolve(), args.style.resolve()
-    check_pastiche(parser)
+    if not args.skip_pastiche:
+        check_pastiche(parser)
 
 
 def main(argv: list[str] | None = None) -> int:
