@@ -84,6 +84,33 @@ def test_an_interrupt_during_a_stalled_upload_ends_the_run_within_10_s(scenario,
     assert "Traceback" not in text, text[-3000:]
 
 
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_an_interrupt_while_the_manifest_read_hangs_ends_the_run_within_10_s(sig, code, s3_server, s3, bucket,
+                                                                             tmp_path):
+    # Before the flow starts, `stylize run` reads the manifest in its main thread: a GET that hangs
+    # there must not hold the process either (nor be retried by botocore after the signal).
+    s3.put_object(Bucket=bucket, Key="manifests/m.yaml", Body=b"version: 1\noutput: out\npairs: []\n")
+    with FaultProxy(s3_server, kinds=("stall",), methods=("GET",), path=r"/manifests/m\.yaml",
+                    stall_seconds=120) as proxy:
+        log = tmp_path / "run.log"
+        process = start_run(f"s3://{bucket}/manifests/m.yaml",
+                            cli_env(tmp_path / "prefect", AWS_ENDPOINT_URL=proxy.url), log=log)
+        try:
+            proxy.wait_for_fault(timeout=120)
+            signalled = time.monotonic()
+            seconds = kill(process, sig, timeout=60)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait(30)
+        after = [(method, where) for t, method, where in proxy.seen if t > signalled]
+    text = log.read_text()
+    assert process.returncode == code, text[-3000:]
+    assert seconds < 10, f"took {seconds:.1f} s to end after the signal"
+    assert after == [], f"storage requests after the interrupt: {after}"
+    assert "Traceback" not in text, text[-3000:]
+
+
 def environment_without_api(tmp_path: Path, **extra: str) -> dict[str, str]:
     """A child environment with no PREFECT_API_URL: the command starts its own temporary server."""
     env = cli_env(tmp_path / "prefect", **extra)
