@@ -42,7 +42,6 @@ from stylize.errors import (Cancelled, ConfigError, InputError, ResourceError, S
 from stylize.catalog.manifest import Job
 from stylize.catalog.outputs import claim, init_uri, snapshot_uri
 from stylize.engine.optimize import Engine, Record, RecordCallback, StyleTargets
-from stylize.engine.schedule import level_sizes
 from stylize.catalog.storage import Storage, check_below
 from stylize.catalog.thumbnails import write_thumbnails
 
@@ -242,7 +241,7 @@ class JobRunner:
         """
         first = batch[0]
         if any(batch_key(p) != batch_key(first) for p in batch[1:]):
-            raise ConfigError("jobs in one batch must share styles, settings and size (see batch_key)")
+            raise ConfigError("jobs in one batch must share styles and settings (see batch_key)")
         settings = first.job.settings
         targets = self._style_targets(first.job, first.inputs)
         snapshot = None
@@ -254,7 +253,7 @@ class JobRunner:
 
         began = datetime.now(timezone.utc)
         for p in batch:
-            p.began, p.batch = began, len(batch)
+            p.began = began
         hook = None if callback is None else (lambda i, record: callback(batch[i], record))
 
         def run(s):
@@ -296,10 +295,11 @@ class JobRunner:
 
 
 def batch_key(prepared: "Prepared") -> tuple:
-    """Jobs with equal keys can share one optimization batch: same styles, settings and size."""
-    s = prepared.job.settings
+    """Jobs with equal keys can share one optimization batch: same styles and settings. Photos of
+    different shapes may share it (``Engine.run_batch`` pads them); which ones should is the
+    grouping's choice (``batching.py``)."""
     styles = tuple(d["sha256"] for d in prepared.inputs.info["styles"])
-    return styles, s, tuple(level_sizes(*prepared.content.size, s))
+    return styles, prepared.job.settings
 
 
 @dataclass
@@ -316,7 +316,6 @@ class Prepared:
     started: float  # perf_counter at the start of the job
     began: datetime | None = None  # wall clock when the optimization started
     retried_at_size: int | None = None  # set when the job ran out of device memory and ran smaller
-    batch: int = 1  # images that shared its optimization (VGG19 passes), set by compute_batch
 
 
 def guarded(job: Job, started: float, step: Callable[[], Any]) -> Any:
@@ -403,7 +402,7 @@ def finish(prepared: Prepared, result, storage: Storage, *, thumbnails: bool = T
                     job.name)
     last = result.records[-1]
     return Outcome(
-        job.name, "done", time.perf_counter() - prepared.started, result.seconds / prepared.batch,
+        job.name, "done", time.perf_counter() - prepared.started, result.seconds / result.batch,
         output=prepared.image_uri, final={"total": last.total, "content": last.content, "style": last.style, "tv": last.tv},
         iterations=last.iteration,
     )
@@ -419,7 +418,9 @@ def _metadata(prepared: Prepared, result, output: dict, thumbs: dict | None) -> 
     )
     meta["engine"] = {"precision": result.precision, "sizes": [list(s) for s in result.sizes],
                       "stopped_early": result.stopped_early, "seconds": round(result.seconds, 3),
-                      "batch": prepared.batch,  # images that shared its VGG19 passes (and those seconds)
+                      # images that shared its VGG19 passes (and those seconds), and per level the (w, h) they
+                      # were padded to when their shapes differed (its own sizes otherwise)
+                      "batch": result.batch, "padded_sizes": [list(s) for s in result.padded_sizes],
                       # per level: tile core (None: whole image), halo, L-BFGS history, memory estimate and budget
                       "levels": result.memory, "peak_memory_bytes": result.peak_memory}
     if prepared.retried_at_size is not None:

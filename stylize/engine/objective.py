@@ -14,13 +14,18 @@ from torch import Tensor, nn
 
 from stylize.engine.features import LAYER_INDEX, VGG19Features
 from stylize.engine.fused import LossSpec, feature_losses
-from stylize.engine.losses import ContentLoss, StyleLoss, TVLoss
+from stylize.engine.losses import ContentLoss, StyleLoss, TVLoss, Valid
 from stylize.engine.settings import Settings
-from stylize.engine.tiled import TilePlan, tiled_feature_losses
+from stylize.engine.tiled import TilePlan, layer_geometry, tiled_feature_losses
+from stylize.errors import ConfigError
 
 
 class Objective(nn.Module):
-    """Weighted content + style + TV loss of a batch of images, per image."""
+    """Weighted content + style + TV loss of a batch of images, per image.
+
+    ``valid`` (``losses.Valid``): the batch holds photos of different shapes padded to one size
+    (``layout.py``); each image's losses are then those it has alone. Not with ``tiles``.
+    """
 
     def __init__(
         self,
@@ -32,8 +37,11 @@ class Objective(nn.Module):
         channels_last: bool,
         fused: bool = True,
         tiles: TilePlan | None = None,
+        valid: Valid | None = None,
     ):
         super().__init__()
+        if tiles is not None and valid is not None:
+            raise ConfigError("a padded batch of mixed shapes cannot be tiled; run its images one by one")
         self.features = features
         self.content_layers = list(settings.content_layers)
         self.style_layers = list(settings.style_layers)
@@ -47,6 +55,7 @@ class Objective(nn.Module):
         self.channels_last = channels_last
         self.fused = fused
         self.tiles = tiles  # evaluate tile by tile (stylize.engine.tiled): same losses, bounded memory
+        self.valid = valid
         self.timings: dict[str, float] = {}  # seconds per part of the tiled evaluation, for benchmarks
         wc, ws, _ = self.weights
         # The same losses and weights for the fused pass (see stylize.engine.fused).
@@ -65,22 +74,25 @@ class Objective(nn.Module):
             return features + tv, content, style, tv
         if self.fused:
             content, style = feature_losses(self.features.preprocess(rgb.float()), self.features, self.spec,
-                                            self.channels_last)
+                                            self.channels_last, self.valid)
         else:  # autograd through the modules: the reference, and what torch.compile can trace
-            feats = run_features(self.features, rgb, self.layers, self.dtype, self.channels_last)
-            content = wc * sum(self.content[n](feats[n]) for n in self.content_layers) / len(self.content_layers)
-            style = ws * sum(self.layer_weights[n] * self.style[n](feats[n]) for n in self.style_layers)
-        tv = wt * self.tv(image)
+            feats = run_features(self.features, rgb, self.layers, self.dtype, self.channels_last, self.valid)
+            at = {n: None if self.valid is None else self.valid.at_stride(layer_geometry(n)[1]) for n in feats}
+            content = wc * sum(self.content[n](feats[n], at[n]) for n in self.content_layers) / len(self.content_layers)
+            style = ws * sum(self.layer_weights[n] * self.style[n](feats[n], at[n]) for n in self.style_layers)
+        tv = wt * self.tv(image, self.valid)
         return content + style + tv, content, style, tv  # each (b,)
 
 
 def run_features(
-    model: VGG19Features, rgb: Tensor, layers: Sequence[str], dtype: torch.dtype, channels_last: bool
+    model: VGG19Features, rgb: Tensor, layers: Sequence[str], dtype: torch.dtype, channels_last: bool,
+    valid: Valid | None = None,
 ) -> dict[str, Tensor]:
     """Run the VGG pass with the chosen memory format. ``model`` already holds its
     weights in ``dtype`` (see ``Engine.features``): a bf16 copy of the network, rather
-    than autocast, which would re-cast every frozen weight on every pass."""
+    than autocast, which would re-cast every frozen weight on every pass. ``valid``:
+    a padded batch's regions (``VGG19Features.forward``)."""
     if channels_last:
         rgb = rgb.contiguous(memory_format=torch.channels_last)
-    return model(rgb, layers)
+    return model(rgb, layers, valid)
 

@@ -34,8 +34,9 @@ from stylize.engine import images
 from stylize.engine.budget import MemoryPlan, plan_memory, smaller_tile
 from stylize.engine.features import LAYER_INDEX, VGG19Features, min_side, resolve_weights
 from stylize.engine.hardware import peak_memory, resolve_device, resolve_precision
+from stylize.engine.layout import Layout
 from stylize.engine.lbfgs import BatchedLBFGS
-from stylize.engine.losses import gram
+from stylize.engine.losses import Valid, gram
 from stylize.engine.malloc import retain_freed_memory
 from stylize.engine.objective import Objective, run_features
 from stylize.engine.schedule import converged, level_iterations, level_sizes, print_scales
@@ -75,6 +76,10 @@ class Result:
     memory: list[dict] = field(default_factory=list)
     peak_memory: int | None = None
     pixels: Tensor | None = None  # (3, h, w) float32 in 0-1 on the CPU: what 16-bit outputs are written from
+    batch: int = 1  # images that shared the run's VGG passes, this one included
+    # (w, h) per level of the batch's tensor: the largest width and height of its images (``layout.py``);
+    # the image's own sizes when they all had one shape.
+    padded_sizes: list[tuple[int, int]] = field(default_factory=list)
 
 
 RecordCallback = Callable[[Record], None]
@@ -115,7 +120,7 @@ class Level:
     objective: Objective
     settings: Settings
     report: Reporting
-    to_rgb: Callable[[int, Tensor], Tensor]  # (image i, its (1, c, h, w) iterate) -> RGB, for snapshots
+    to_rgb: Callable[[int, Tensor], Tensor]  # (image i, the batch's iterate) -> image i in RGB, for snapshots
     iterations: list[int]  # per image: iterations of the whole run, this level's included
     records: list[list[Record]] = field(default_factory=list)  # per image: this level's
     frozen: dict[int, Tensor] = field(default_factory=dict)  # image -> the iterate it converged at
@@ -177,7 +182,7 @@ class Level:
         if report.callback is not None:
             report.callback(i, rec)
         if report.snapshot is not None and s.save_every and it % s.save_every == 0 and it > 0:
-            report.snapshot(i, it, self.index, images.to_image(self.to_rgb(i, self.x[i:i + 1].detach())))
+            report.snapshot(i, it, self.index, images.to_image(self.to_rgb(i, self.x.detach())))
         if step_taken and converged([r.total for r in self.records[i]], s):
             self.frozen[i] = self.x[i].detach().clone()
 
@@ -404,64 +409,110 @@ class Engine:
         snapshot: Callable[[int, int, int, Image.Image], None] | None = None,
         cancel: threading.Event | None = None,
     ) -> list[Result]:
-        """Stylize several content images of the same size with the same styles in one batch.
+        """Stylize several content images with the same styles in one batch.
 
         Every image keeps its own L-BFGS history, step and early stopping, so
         each result is what ``run`` gives for that image alone (up to float
-        rounding); batching changes speed, not pictures. ``callback(i, record)``
-        and ``snapshot(i, iteration, scale, image)`` name the image by position.
-        Setting ``cancel`` (from another thread) stops the batch with ``Cancelled``
-        at the next loss evaluation, so an interrupted run does not wait for it.
+        rounding); batching changes speed, not pictures. Photos of different
+        shapes share the batch padded, level by level, to the largest height
+        and width (``layout.py``): each keeps the sizes it has alone, its losses
+        count its own pixels only, and its output is cropped back to its size.
+        A batch of mixed shapes is never tiled: when a level of it needs tiles
+        under the memory budget its images run one by one instead, and when it
+        runs out of device memory the error goes to the caller, which can run
+        them one by one (``flows.catalog`` does).
+
+        ``callback(i, record)`` and ``snapshot(i, iteration, scale, image)``
+        name the image by position. Setting ``cancel`` (from another thread)
+        stops the batch with ``Cancelled`` at the next loss evaluation, so an
+        interrupted run does not wait for it.
         """
         s = settings or Settings()
         report = Reporting(time.perf_counter(), print_scales(s), callback, snapshot, cancel)
         report.check_cancel("before it started")
         inits = list(inits) if inits is not None else [None] * len(contents)
         targets = styles if isinstance(styles, StyleTargets) else self.style_targets(styles, s)
-        sizes = self._check_sizes(contents, inits, s)
+        layout = self._check_sizes(contents, inits, s)
         # Whole image or tiles, and the history length, per level; refuses a budget that cannot work
         # before any work is done.
-        plans = [plan_memory(lh, lw, len(contents), 1 if s.preserve_color else 3, s, self.dtype(s), self.device)
-                 for lw, lh in sizes]
+        plans = [plan_memory(h, w, len(contents), 1 if s.preserve_color else 3, s, self.dtype(s), self.device)
+                 for w, h in map(layout.padded, range(layout.levels))]
+        if layout.mixed and any(plan.tile is not None for plan in plans):
+            log.info("a batch of %d images of mixed shapes needs tiles: running them one by one", len(contents))
+            return self._one_by_one(contents, targets, s, inits, report)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         batch = Batch(len(contents))
         x: Tensor | None = None
-        for index, (lw, lh) in enumerate(sizes, start=1):
-            c, c_target, style_grams = self._level_targets(contents, targets, (lw, lh), s)
-            if x is None:
-                x = torch.cat([self._initial(s, c_target[i:i + 1], init, (lh, lw)) for i, init in enumerate(inits)])
-            else:
-                x = _resize_tensor(x, (lh, lw))
-            new_level = functools.partial(Level, index=index, settings=s, report=report, iterations=batch.iterations,
-                                          to_rgb=lambda i, xi, c=c: self._to_rgb(xi, c[i:i + 1], s))
-            level, plans[index - 1] = self._run_level(x.detach(), s, c_target, style_grams, plans[index - 1],
-                                                      new_level)
+        for k in range(layout.levels):
+            c, c_target, style_grams = self._level_targets(contents, targets, layout, k, s)
+            x = self._level_start(x, c_target, inits, layout, k, s)
+            new_level = functools.partial(
+                Level, index=k + 1, settings=s, report=report, iterations=batch.iterations,
+                to_rgb=lambda i, xs, c=c, k=k: self._to_rgb(layout.crop(xs, i, k), layout.crop(c, i, k), s))
+            level, plans[k] = self._run_level(x.detach(), s, c_target, style_grams, plans[k], layout.valid(k),
+                                              new_level)
             batch.add(level)
             x = level.result()
-            log.debug("level %d (%dx%d) done at iterations %s", index, lw, lh, batch.iterations)
-        out = self._to_rgb(x, c, s)
-        seconds = time.perf_counter() - report.started
-        levels = [dict(plan.describe(), size=list(size)) for plan, size in zip(plans, sizes)]
-        peak = peak_memory(self.device)
-        return [
-            Result(image=images.to_image(out[i]), records=batch.records[i], seconds=seconds, device=str(self.device),
-                   precision=str(self.dtype(s)).replace("torch.", ""), sizes=sizes, stopped_early=batch.stopped[i],
-                   memory=levels, peak_memory=peak, pixels=out[i].detach().float().cpu())
-            for i in range(len(contents))
-        ]
+            log.debug("level %d (%dx%d padded) done at iterations %s", k + 1, *layout.padded(k), batch.iterations)
+        return self._results(self._to_rgb(x, c, s), layout, plans, batch, report, s)
 
-    def _level_targets(self, contents: Sequence[Image.Image], targets: StyleTargets, size: tuple[int, int],
+    def _one_by_one(self, contents: Sequence[Image.Image], targets: StyleTargets, s: Settings,
+                    inits: list[Image.Image | None], report: Reporting) -> list[Result]:
+        """Each image in a batch of its own, reported under its position in the batch."""
+        results = []
+        for i, (content, init) in enumerate(zip(contents, inits)):
+            callback = None if report.callback is None else (lambda _, rec, i=i: report.callback(i, rec))
+            snapshot = None if report.snapshot is None else (
+                lambda _, it, scale, image, i=i: report.snapshot(i, it, scale, image))
+            results += self.run_batch([content], targets, s, inits=[init], callback=callback, snapshot=snapshot,
+                                      cancel=report.cancel)
+        return results
+
+    def _results(self, rgb: Tensor, layout: Layout, plans: list[MemoryPlan], batch: Batch, report: Reporting,
+                 s: Settings) -> list[Result]:
+        """A Result per image from the last level's RGB batch ``rgb`` (b, 3, H, W), cropped to each image."""
+        seconds = time.perf_counter() - report.started
+        peak = peak_memory(self.device)
+        last = layout.levels - 1
+        padded = [layout.padded(k) for k in range(layout.levels)]
+        results = []
+        for i in range(batch.size):
+            out = layout.crop(rgb, i, last)[0]  # (3, h_i, w_i)
+            levels = [dict(plan.describe(), size=list(size)) for plan, size in zip(plans, layout.sizes[i])]
+            results.append(Result(
+                image=images.to_image(out), records=batch.records[i], seconds=seconds, device=str(self.device),
+                precision=str(self.dtype(s)).replace("torch.", ""), sizes=list(layout.sizes[i]),
+                stopped_early=batch.stopped[i], memory=levels, peak_memory=peak,
+                pixels=out.detach().float().cpu().contiguous(), batch=batch.size, padded_sizes=padded))
+        return results
+
+    def _level_targets(self, contents: Sequence[Image.Image], targets: StyleTargets, layout: Layout, k: int,
                        s: Settings) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        """The content photos at this level's size (b, 3, h, w), what the content loss matches (the
-        photos, or their luminance (b, 1, h, w) with ``preserve_color``), and the style Grams."""
-        lw, lh = size
-        c = torch.cat([images.to_tensor(images.resize(im, (lw, lh)), self.device) for im in contents])  # (b, 3, h, w)
+        """At level ``k``, padded as ``layout`` says: the content photos (b, 3, H, W), what the content
+        loss matches (the photos, or their luminance (b, 1, H, W) with ``preserve_color``), and the
+        style Grams."""
+        c = layout.pad([images.to_tensor(images.resize(im, size), self.device)
+                        for im, size in zip(contents, layout.level(k))], k)  # (b, 3, H, W)
+        longest = max(layout.padded(k))  # every image's longest side at this level
         if not s.preserve_color:
-            return c, c, targets.grams(max(lw, lh))  # (1, c, c) per layer, shared by the batch
-        c_target = images.rgb_to_yiq(c)[:, :1]  # (b, 1, h, w) luminance
-        grams = [targets.grams(max(lw, lh), (y.mean().item(), y.std().item())) for y in c_target]
+            return c, c, targets.grams(longest)  # (1, c, c) per layer, shared by the batch
+        c_target = images.rgb_to_yiq(c)[:, :1]  # (b, 1, H, W) luminance; zero in the padding
+        moments = [layout.crop(c_target, i, k) for i in range(len(contents))]
+        grams = [targets.grams(longest, (y.mean().item(), y.std().item())) for y in moments]
         return c, c_target, {n: torch.cat([g[n] for g in grams]) for n in s.style_layers}  # (b, c, c)
+
+    def _level_start(self, previous: Tensor | None, c_target: Tensor, inits: list[Image.Image | None],
+                     layout: Layout, k: int, s: Settings) -> Tensor:
+        """The batch's starting images at level ``k``: the initial images at the coarsest level, else the
+        previous level's result resized to each image's size here."""
+        sizes = [(h, w) for w, h in layout.level(k)]
+        if previous is None:
+            return layout.pad([self._initial(s, layout.crop(c_target, i, k), init, hw)
+                               for i, (init, hw) in enumerate(zip(inits, sizes))], k)
+        if not layout.mixed:
+            return _resize_tensor(previous, sizes[0])
+        return layout.pad([_resize_tensor(layout.crop(previous, i, k - 1), hw) for i, hw in enumerate(sizes)], k)
 
     def tile_plan(self, height: int, width: int, batch: int, channels: int, s: Settings) -> TilePlan | None:
         """Tiles for an image of this size under the settings' memory budget, or None for the whole image."""
@@ -471,13 +522,14 @@ class Engine:
         return plan_tiles(height, width, plan.tile, s.content_layers + s.style_layers, field="tile")
 
     def _run_level(self, start: Tensor, s: Settings, c_target: Tensor, style_grams: dict[str, Tensor],
-                   plan: MemoryPlan, new_level: Callable[..., Level]) -> tuple[Level, MemoryPlan]:
+                   plan: MemoryPlan, valid: Valid | None, new_level: Callable[..., Level]) -> tuple[Level, MemoryPlan]:
         """Optimize one level from ``start``, tiled when ``plan`` says so; returns the finished level and
-        the plan it used.
+        the plan it used. ``valid``: where each image is in a padded batch of mixed shapes.
 
         On CUDA out-of-memory the level starts again with smaller tiles (its
-        records so far are dropped), down to the smallest core; then the
-        out-of-memory error goes to the caller. The output is never shrunk here.
+        records so far are dropped), down to the smallest core; then, or at once
+        for a padded batch (never tiled), the out-of-memory error goes to the
+        caller. The output is never shrunk here.
         """
         h, w = start.shape[-2:]
         model, dtype = self.features(s), self.dtype(s)
@@ -488,16 +540,16 @@ class Engine:
                 with torch.no_grad():
                     if tiles is None:
                         content_feats = run_features(model, c_target.expand(-1, 3, -1, -1), s.content_layers,
-                                                     dtype, self.channels_last)
+                                                     dtype, self.channels_last, valid)
                     else:
                         content_feats = tiled_features(model, c_target, s.content_layers, tiles, self.channels_last)
                 objective = Objective(model, s, content_feats, style_grams, dtype, self.channels_last, self.fused,
-                                      tiles=tiles)
+                                      tiles=tiles, valid=valid)
                 level = new_level(x=start.clone().requires_grad_(True), objective=objective)
                 level.run(plan.history, plan.history_dtype)
                 return level, plan
             except torch.OutOfMemoryError:
-                smaller = smaller_tile(plan, h, w)
+                smaller = None if valid is not None else smaller_tile(plan, h, w)
                 if smaller is None:
                     raise  # the caller decides: fail, or shrink the output if the settings opt in
                 log.warning("out of %s memory at level %d (%dx%d px) with tiles of %s px; retrying with %d px",
@@ -506,32 +558,29 @@ class Engine:
                 torch.cuda.empty_cache()
 
     @staticmethod
-    def _check_sizes(contents, inits, s: Settings) -> list[tuple[int, int]]:
-        """Level sizes shared by every content image; errors for unusable ones."""
+    def _check_sizes(contents, inits, s: Settings) -> Layout:
+        """Each content image's level sizes; errors for unusable images."""
         if s.init not in ("content", "random") and any(init is None for init in inits):
             raise ConfigError(f"init {s.init!r} names an image, but none was given to the engine")
         need = max(min_side(s.content_layers), min_side(s.style_layers))
         deepest = max(s.content_layers + s.style_layers, key=LAYER_INDEX.get)
-        sizes = None
+        sizes = []
         for content in contents:
             if min(content.size) < need:
                 raise InputError(
                     f"content image is {content.size[0]}x{content.size[1]} px; the layers up to "
                     f"{deepest} need at least {need} px on each side"
                 )
-            these = level_sizes(*content.size, s)
-            if sizes is not None and these != sizes:
-                raise ConfigError(f"a batch needs images of one size; found {these[-1]} and {sizes[-1]}")
-            sizes = these
-        w, h = sizes[-1]
-        if min(w, h) < need:
-            raise InputError(
-                f"output would be {w}x{h} px; the layers up to {deepest} need at least {need} px on each side; "
-                "raise size"
-            )
+            sizes.append(tuple(level_sizes(*content.size, s)))
+            w, h = sizes[-1][-1]
+            if min(w, h) < need:
+                raise InputError(
+                    f"output would be {w}x{h} px; the layers up to {deepest} need at least {need} px on each "
+                    "side; raise size"
+                )
         # The pixel budget needs no check here: Settings refuses size**2 > max_pixels,
         # and w*h never exceeds size**2.
-        return sizes
+        return Layout(tuple(sizes))
 
     def _initial(self, s: Settings, content: Tensor, init: Image.Image | None, hw: tuple[int, int]) -> Tensor:
         if s.init == "content":
