@@ -1,9 +1,10 @@
 """The ``stylize-catalog`` flow: stylize every pair of a manifest, one task per group of jobs.
 
 The flow expands the manifest lazily and groups its jobs into batches that
-fill (``stylize.catalog.batching``): jobs that share styles and settings and
-whose photos have one output shape (sizes from the photos' headers), looked
-for over the next ``LOOKAHEAD`` jobs, not in manifest order. It keeps at most
+fill (``stylize.catalog.batching``): jobs that share styles and settings,
+photos of one output shape first, then shapes that pad together with little
+waste (sizes from the photos' headers; ``Engine.run_batch`` pads and masks),
+looked for over the next ``LOOKAHEAD`` jobs, not in manifest order. It keeps at most
 ``max_in_flight`` jobs submitted and submits the next group as soon as one
 finishes (``stylize.catalog.scheduling``: no barrier, so devices do not wait
 for the slowest job of a window), so a catalog of 100,000 jobs holds a
@@ -55,7 +56,7 @@ from prefect.futures import PrefectFuture, as_completed
 from prefect.tasks import exponential_backoff
 
 from stylize.errors import Cancelled, ConfigError, StylizeError, TransientStorageError
-from stylize.catalog.batching import SAME_SHAPE, group_jobs, header_shapes
+from stylize.catalog.batching import group_jobs, header_shapes
 from stylize.catalog.jobs import Outcome, Prepared, batch_key, finish, guarded, prepare
 from stylize.catalog.manifest import Job, Manifest, in_shard, load_manifest, parse_shard, storage_for
 from stylize.catalog.progress import Iteration, JobFinished, RunStarted, emit
@@ -143,9 +144,9 @@ def stylize_jobs(jobs: list[Job], storage: Storage, slots: list[str] | None,
     Each job's reads and decoding happen before taking a device and its writes
     after giving it back, so the I/O of other groups overlaps the device's
     compute. The device is a free one of ``slots``, or with ``slots=None`` (on
-    Dask) the worker's own. Jobs whose images also share a size go through
-    VGG19 together, each with its own L-BFGS history (``Engine.run_batch``),
-    so the pictures are the ones each job gives alone. Each job's writes are
+    Dask) the worker's own. The jobs go through VGG19 together (photos of
+    different shapes padded and masked), each with its own L-BFGS history
+    (``Engine.run_batch``), so the pictures are the ones each job gives alone. Each job's writes are
     a ``write_outputs`` task with its own retries (after about ``retry_delay``
     x 1, 2 and 4 s). A transient storage error before the writes (reading
     inputs) retries this task. Setting ``cancel`` stops the optimization
@@ -295,8 +296,8 @@ def stylize_catalog(
     i-th of n disjoint parts; ``settings`` overrides engine settings for every
     job. Two sizes, not to be confused: ``max_in_flight`` jobs are in flight
     (default 4 per device slot, at least 16; the next group goes as soon as
-    one finishes), and up to ``images_per_batch`` same-size jobs sharing
-    styles and settings are optimized together in one VGG19 pass (default:
+    one finishes), and up to ``images_per_batch`` jobs sharing styles and
+    settings are optimized together in one VGG19 pass, padded (default:
     on the CPU 2 in float32 and 1 in bf16, from free memory on CUDA). A
     transient storage error is retried 3 times, after about ``retry_delay``
     x 1, 2 and 4 s (jittered): a read by rerunning its group's task, a write
@@ -353,14 +354,14 @@ def _device_slots(devices: list[str] | None, workers: int | None, dask) -> list[
 def _run_jobs(jobs: Iterable[Job], storage: Storage, tally: "_Tally", *, in_flight: int,
              images_per_batch: int | None, slots: list[str] | None, on_dask: bool,
              stop: threading.Event | None, retry_delay: float) -> None:
-    """Group the jobs into batches that fill (``group_jobs``: same styles and settings, photos of one
-    output shape, over a look-ahead of ``LOOKAHEAD`` jobs), keep ``in_flight`` jobs submitted and
+    """Group the jobs into batches that fill (``group_jobs``: same styles and settings, photos whose
+    shapes fill ``MIN_FILL`` of their padded batch, over a look-ahead of ``LOOKAHEAD`` jobs), keep
+    ``in_flight`` jobs submitted and
     submit the next group as soon as one finishes (``sliding_window``: no barrier); tally each
     outcome as its group finishes."""
     progress_id = create_progress_artifact(progress=0.0, description="Jobs finished in this run")
     run = stylize_jobs.with_options(retry_delay_seconds=exponential_backoff(retry_delay))
-    groups = group_jobs(jobs, _batch_sizes(images_per_batch, slots), shape_of=header_shapes(storage),
-                        min_fill=SAME_SHAPE)  # until Engine.run_batch pads mixed shapes
+    groups = group_jobs(jobs, _batch_sizes(images_per_batch, slots), shape_of=header_shapes(storage))
 
     def submit(group: list[Job]):
         with job_resources() if on_dask else nullcontext():

@@ -40,7 +40,7 @@ from stylize.catalog.storage import Storage
 from stylize.engine.images import fit_size
 from stylize.errors import Cancelled, StorageError
 
-__all__ = ["LOOKAHEAD", "MIN_FILL", "SAME_SHAPE", "HEAD_BYTES", "SHAPE_CACHE", "image_size", "header_shapes",
+__all__ = ["LOOKAHEAD", "MIN_FILL", "HEAD_BYTES", "SHAPE_CACHE", "image_size", "header_shapes",
            "output_shape", "padded_fill", "group_jobs"]
 
 #: Jobs that may wait for a batch to fill. 1,024 jobs are about a megabyte; a catalog with a few dozen
@@ -49,8 +49,6 @@ LOOKAHEAD = 1024
 #: Least share of a padded batch's pixels that belong to its images. 4:3, 3:2 and 16:9 photos together
 #: fill 0.88 of their 4:3 box; a landscape with a portrait fills at most 0.75 of a square.
 MIN_FILL = 0.8
-#: ``min_fill`` that lets only jobs of one output shape share a batch (no padding at all).
-SAME_SHAPE = 1.0
 #: Photos whose sizes ``header_shapes`` remembers: a grid names each photo once per style, in a row.
 SHAPE_CACHE = 4096
 #: Bytes read to find an image's size: PNG, GIF and WebP say it in the first 30; a JPEG after its

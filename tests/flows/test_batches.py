@@ -67,10 +67,10 @@ def test_photos_of_one_shape_share_batches_however_far_apart_in_the_manifest(tmp
             summary["engine_seconds"] / summary["seconds"], abs=1e-3)
 
 
-def test_a_failing_job_in_a_batch_fails_alone(tmp_path):
-    """A photo whose header gives its size but whose pixels are cut off groups with the others of
-    its shape; it fails, the other three finish together."""
-    manifest, names = grid(tmp_path, [(120, 90)] * 4)
+def test_a_failing_job_in_a_mixed_batch_fails_alone(tmp_path):
+    """A photo whose header gives its size but whose pixels are cut off is grouped with the others
+    (4:3, 3:2 and 16:9 pad together); it fails, the other three finish together."""
+    manifest, names = grid(tmp_path, [(120, 90), (120, 80), (120, 90), (128, 72)])
     bad = tmp_path / "photos" / f"{names[1]}.png"
     bad.write_bytes(bad.read_bytes()[:200])
     with pytest.raises(CatalogFailed) as err:
@@ -126,3 +126,25 @@ def test_the_window_keeps_at_most_its_bound_of_jobs_in_flight(tmp_path, monkeypa
     (counter,) = counters
     assert counter.now == 0
     assert 2 <= counter.most <= 3  # reads start as soon as a job is submitted, before its device is free
+
+
+def test_mixed_shapes_share_a_batch_and_each_gets_its_own_picture(tmp_path):
+    """4:3, 3:2 and 16:9 photos pad together (they fill 0.94 of their 4:3 box); each job's output
+    has the size it gets alone, and its picture and losses are those it gets alone."""
+    manifest, names = grid(tmp_path, [(120, 90), (120, 80), (128, 72)] * 2)
+    alone = stylize_catalog(manifest=str(manifest), output=str(tmp_path / "alone"), images_per_batch=1)
+    together = stylize_catalog(manifest=str(manifest), output=str(tmp_path / "together"), images_per_batch=4)
+    assert alone["counts"]["done"] == together["counts"]["done"] == 6
+    sizes = [[32, 24], [32, 21], [32, 18]]
+    batches = {}
+    for i, name in enumerate(names):
+        job = f"{name}__starry_night"
+        a, b = meta(tmp_path / "alone", job), meta(tmp_path / "together", job)
+        assert a["engine"]["sizes"] == b["engine"]["sizes"] == [sizes[i % 3]]
+        batches[name] = (b["engine"]["batch"], b["engine"]["padded_sizes"])
+        assert b["losses"]["total"][-1] == pytest.approx(a["losses"]["total"][-1], rel=0.02)
+        pa, pb = (images.decode((tmp_path / run / f"{job}.png").read_bytes(), name=job) for run in ("alone", "together"))
+        assert pa.size == pb.size == tuple(sizes[i % 3])
+        assert (images.to_tensor(pa) - images.to_tensor(pb)).abs().mean() < 1 / 255, job
+    # The two 4:3 and the two 3:2 photos fill one batch of 4 padded to 32x24; the 16:9 pair is left.
+    assert [batches[n] for n in names] == [(4, [[32, 24]]), (4, [[32, 24]]), (2, [[32, 18]])] * 2
