@@ -220,5 +220,5 @@ def test_bfloat16_history_still_solves():
     opt.start(evaluate)
     for _ in range(60):
         opt.step(evaluate)
-    assert opt.s[0].dtype == opt.y[0].dtype == torch.bfloat16
+    assert opt.pairs.dtype == torch.bfloat16
     torch.testing.assert_close(x.detach()[0], torch.linalg.solve(mat, target), rtol=1e-2, atol=1e-2)
