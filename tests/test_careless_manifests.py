@@ -119,6 +119,62 @@ def test_cli_allow_local_on_an_s3_manifest(s3_server, s3, bucket, folder, capsys
     assert f"run   a__s  s3://{bucket}/out/a__s.png" in capsys.readouterr().out
 
 
+class _Listener:
+    """A TCP port that records whether anything connected to it (a would-be S3 endpoint)."""
+
+    def __init__(self):
+        import socket
+        import threading
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.sock.settimeout(0.2)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.connections = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            self.connections += 1
+            conn.close()
+
+    def close(self):
+        self.stop.set()
+        self.thread.join()
+        self.sock.close()
+
+
+def test_an_s3_manifest_cannot_send_requests_to_another_endpoint(s3_server, s3, bucket, capsys, monkeypatch):
+    # Another host would get the worker's signed requests, replayable against the real
+    # service for any bucket and key the manifest names.
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
+    elsewhere = _Listener()
+    try:
+        body = (f"version: 1\noutput: s3://{bucket}/out\ndefaults: {FAST}\n"
+                f"storage: {{endpoint_url: '{elsewhere.url}', max_attempts: 0}}\n"
+                f"pairs: [{{content: s3://private/secret.png, style: s3://{bucket}/s.jpg}}]\n")
+        s3.put_object(Bucket=bucket, Key="m.yaml", Body=body.encode())
+        uri = f"s3://{bucket}/m.yaml"
+        with pytest.raises(ManifestError) as caught:
+            load_manifest(uri)
+        assert caught.value.problems[0][0] == "storage.endpoint_url"
+        assert "not the endpoint this manifest was read from" in caught.value.problems[0][1]
+        assert main(["validate", uri]) == 2
+        assert "storage.endpoint_url:" in capsys.readouterr().err
+        assert main(["plan", uri]) == 2
+        assert main(["run", uri]) != 0
+        assert elsewhere.connections == 0
+        # The endpoint it was read from is fine, written with or without a trailing slash.
+        s3.put_object(Bucket=bucket, Key="m.yaml", Body=body.replace(elsewhere.url, s3_server + "/").encode())
+        assert load_manifest(uri).storage.endpoint_url == s3_server + "/"
+    finally:
+        elsewhere.close()
+
+
 def test_watch_and_lambda_runs_allow_no_local_path():
     from flows.catalog import stylize_catalog
     from stylize.catalog.events import RunRequest

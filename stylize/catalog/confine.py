@@ -13,6 +13,10 @@ for an output root the caller gives):
   prefix or glob root would be listed by the next run, which would
   stylize its own outputs, one level deeper each time. Refused, naming
   both fields.
+- **One endpoint.** A manifest read from S3 may set ``storage.endpoint_url``
+  only to the endpoint it was read from. Another host would receive the
+  worker's signed requests (each one replayable against the real service for
+  minutes, for any bucket and key the manifest names) and the outputs.
 
 Local paths are compared resolved (symbolic links, ``.``, ``..``); S3
 URIs by bucket and key, on ``/`` boundaries.
@@ -84,3 +88,13 @@ def feedback_problem(output: str, output_field: str, root: str, root_field: str)
         return None
     return (f"the output {output} ({output_field}) lies in {root}, which {root_field} lists: each run would "
             f"stylize the outputs of the one before; choose an output outside {root}")
+
+
+def endpoint_refusal(named: str | None, reader: str | None) -> str | None:
+    """Why a manifest read from S3 through the endpoint ``reader`` may not send its requests to
+    ``named`` (its ``storage.endpoint_url``), or None."""
+    if named is None or named.rstrip("/") == (reader or "").rstrip("/"):
+        return None
+    return (f"{named!r} is not the endpoint this manifest was read from ({reader}); a manifest read "
+            "from S3 may not send the worker's signed requests elsewhere: leave storage.endpoint_url "
+            "out, or configure the endpoint where stylize runs (AWS_ENDPOINT_URL)")

@@ -237,7 +237,19 @@ def load_manifest(uri: str, storage: Storage | None = None, *, allow_local: Iter
     as TransientStorageError so callers can retry.
     """
     uri = uri if is_s3(uri) else local_path(uri)
-    return parse_manifest(_read(uri, storage or Storage()), uri, allow_local=allow_local)
+    reader = storage or Storage()
+    manifest = parse_manifest(_read(uri, reader), uri, allow_local=allow_local)
+    if problem := _endpoint_problem(manifest, uri, reader):
+        raise ManifestError(uri, [problem])
+    return manifest
+
+
+def _endpoint_problem(manifest: Manifest, uri: str, reader: Storage) -> Problem | None:
+    """A manifest read from S3 that would send requests to another endpoint (see ``confine``)."""
+    if not is_s3(uri) or manifest.storage is None or manifest.storage.endpoint_url is None:
+        return None
+    why = confine.endpoint_refusal(manifest.storage.endpoint_url, reader.client.meta.endpoint_url)
+    return ("storage.endpoint_url", why) if why else None
 
 
 def _read(uri: str, storage: Storage) -> bytes:
@@ -461,14 +473,19 @@ def validate(
     uri = uri if is_s3(uri) else local_path(uri)
     problems: list[Problem] = []
     try:
-        data = _read(uri, storage or Storage())
+        reader = storage or Storage()
+        data = _read(uri, reader)
         manifest = _parse(data, uri, problems, refuse_pairs=True, allow_local=allow_local)
     except ManifestError as exc:
         return 0, exc.problems
+    # Checked before anything is listed: the expansion would talk to that endpoint.
+    endpoint = [p] if (p := _endpoint_problem(manifest, uri, reader)) else []
     if problems:  # the document itself is invalid: report that, and the pairs' own settings
         problems = []
         _parse(data, uri, problems, refuse_pairs=False, allow_local=allow_local)
-        return 0, problems
+        return 0, problems + endpoint
+    if endpoint:
+        return 0, endpoint
     storage = storage or storage_for(manifest)
     reported: set[Problem] = set()
     found: dict[str, str | None] = {}  # input URI or weights file -> why it cannot be used

@@ -245,7 +245,7 @@ def test_an_image_run_that_stops_short_frees_its_key_and_raises(s3, bucket, s3_s
 
 @pytest.mark.parametrize("kind", ["manifest", "images"])
 def test_a_run_that_stops_short_keeps_its_messages_until_a_run_covers_them(
-        kind, s3, sqs, bucket, s3_server, env, image_bytes, tmp_path):
+        kind, s3, sqs, bucket, s3_server, env, image_bytes, tmp_path, monkeypatch):
     # The run computes and writes its job, then cannot write its summary (S3 answers 503, and
     # max_attempts 0 means no botocore retry): it stopped short, so its notification stays.
     put_inputs(s3, bucket, image_bytes, photos=())
@@ -253,6 +253,9 @@ def test_a_run_that_stops_short_keeps_its_messages_until_a_run_covers_them(
     queue = notify(s3, sqs, bucket, prefix="manifests/" if kind == "manifest" else "photos/")
     ledger = RunLedger(str(tmp_path / "started.sqlite3"))
     with FaultProxy(s3_server, kinds=("503",), methods=("PUT",), path=r"/out/_runs/[^/]+\.json$") as proxy:
+        # The runs read their manifests through the proxy too: a manifest read from S3 may name
+        # only the endpoint it was read from.
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
         storage = {"endpoint_url": proxy.url, "region": "us-east-1", "max_attempts": 0}
         if kind == "manifest":
             put(s3, bucket, "photos/cat.png", image_bytes("png", size=(32, 24), color=(40, 90, 200)))
