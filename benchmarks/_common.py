@@ -187,3 +187,14 @@ def print_columns(header: tuple[str, ...], lines: list[tuple[str, ...]], left: i
         print("  ".join(cells).rstrip())
         if n == 0:
             print("  ".join("-" * width for width in widths))
+
+
+def run_main(parser, argv: list[str], check, body) -> int:
+    """Parse ``argv``, ``check(parser, args)``, then ``body(args)`` between two lines naming the CPU
+    and the load average (the machine is shared: a load above its cores makes times pessimistic)."""
+    args = parser.parse_args(argv)
+    check(parser, args)
+    print(f"CPU: {cpu_model()}, {os.cpu_count()} logical CPUs; load average {load_average()}")
+    body(args)
+    print(f"\nLoad average after: {load_average()}")
+    return 0

