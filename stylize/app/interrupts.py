@@ -23,7 +23,6 @@ import logging
 import os
 import signal
 import socket
-import sys
 import threading
 from typing import Callable, Iterable, Iterator
 
@@ -96,6 +95,7 @@ def _watch(heard: socket.socket, deadline: float,
             rite()
         except Exception:  # the process is ending anyway; say what could not be done
             log.warning("while ending the process: %s failed", getattr(rite, "__name__", rite), exc_info=True)
-    print(f"stylize: still running {deadline:.0f} s after the interrupt (a storage request that does not "
-          "answer?); exiting without waiting for it", file=sys.stderr, flush=True)
+    # Through logging like every other line (the CLI's handler, else logging's last resort: stderr).
+    log.error("stylize: still running %.0f s after the interrupt (a storage request that does not answer?); "
+              "exiting without waiting for it", deadline)
     os._exit(_WATCHED[signals[0]])
