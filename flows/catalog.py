@@ -41,6 +41,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections import deque
 from contextlib import nullcontext
 from datetime import datetime, timezone
@@ -172,6 +173,19 @@ def refuse_if_cancelled(cancel: threading.Event | None, name: str) -> None:
     """``Cancelled`` when the run was interrupted: a job (or its retry) starts no work, not even a read."""
     if cancel is not None and cancel.is_set():
         raise Cancelled(f"{name}: not started, the run was interrupted")
+
+
+#: The stop events of this process's runs in progress, for ``stop_runs``.
+_RUNNING: weakref.WeakSet[threading.Event] = weakref.WeakSet()
+
+
+def stop_runs() -> None:
+    """Stop every catalog run of this process now: their jobs stop at their next iteration and
+    their storage sends nothing more. Called from another thread on Ctrl+C or SIGTERM (see
+    ``stylize.app.interrupts``), before the main thread has unwound to the run's own
+    ``stop.set()``."""
+    for stop in list(_RUNNING):
+        stop.set()
 
 
 def stop_storage(storage: Storage, stop: threading.Event | None) -> Storage:
@@ -314,6 +328,8 @@ def stylize_catalog(
     in_flight = max_in_flight or max(16, 4 * slot_count)
     # Threads of this process see the event; on Dask the cluster cancels its own tasks.
     stop = threading.Event() if dask is None else None
+    if stop is not None:
+        _RUNNING.add(stop)
     doc = load(manifest, allow_local)
     storage = stop_storage(storage_for(doc), stop)
     probe_output(storage, output_root(output or doc.output))

@@ -220,9 +220,16 @@ def probe_output(doc, output: str | None) -> None:
         pass
 
 
+def _stop_runs() -> None:
+    """Stop this process's catalog runs (from the interrupt watchdog's thread): if the flow module
+    is not imported yet, no run has started, and importing from this thread could deadlock."""
+    if catalog := sys.modules.get("flows.catalog"):
+        catalog.stop_runs()
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """stylize run MANIFEST: run the catalog flow in-process."""
-    with bounded_interrupts():
+    with bounded_interrupts(at_once=[_stop_runs]):
         return _run(args)
 
 
@@ -372,7 +379,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
     # On Ctrl+C or SIGTERM an in-process run frees its key as it unwinds; if unwinding hangs,
     # the watchdog frees it before ending the process, so the redelivered message runs again.
     last_rites = [runs.release_unfinished] if isinstance(runs, InProcessRuns) else []
-    with bounded_interrupts(last_rites=last_rites), quiet_failures(verbose=args.verbose):
+    with bounded_interrupts(at_once=[_stop_runs], last_rites=last_rites), quiet_failures(verbose=args.verbose):
         if isinstance(runs, DeploymentRuns):
             runs.check()
         else:

@@ -11,7 +11,10 @@ PUT holds its thread for its whole read timeout (60 s by default), then
 botocore's retries. So a watchdog, armed by the first signal, ends the process
 ``EXIT_DEADLINE`` seconds later if it is still alive, after running the
 ``last_rites`` callbacks (the watcher frees the idempotency key of its
-unfinished run there). It hears the signal through ``signal.set_wakeup_fd``,
+unfinished run there). As soon as it hears the signal it calls the ``at_once``
+callbacks (the catalog flow's ``stop_runs``): the main thread may take a while
+to unwind to the flow's own ``stop.set()``, and the jobs' threads must send
+nothing to storage meanwhile. It hears the signal through ``signal.set_wakeup_fd``,
 which the interpreter writes to whichever Python-level handler runs: during a
 flow run Prefect installs its own SIGTERM handler, so ours would not see it.
 """
@@ -44,10 +47,12 @@ def _raise_terminated(signum, frame):
 
 @contextlib.contextmanager
 def bounded_interrupts(*, deadline: float = EXIT_DEADLINE,
+                       at_once: Iterable[Callable[[], None]] = (),
                        last_rites: Iterable[Callable[[], None]] = ()) -> Iterator[None]:
     """Within: SIGTERM raises ``Terminated`` (exit 143 instead of dying at once), and the first
-    SIGINT or SIGTERM arms a watchdog that ends the process ``deadline`` seconds later (exit
-    130 or 143), after calling each of ``last_rites``. Leaving the block normally disarms it;
+    SIGINT or SIGTERM calls each of ``at_once`` (from another thread) and arms a watchdog that
+    ends the process ``deadline`` seconds later (exit 130 or 143), after calling each of
+    ``last_rites``. Leaving the block normally disarms it;
     after a signal it stays armed, as the interpreter's exit may wait on a hung thread too.
     Outside the main thread (where signals cannot be handled) it does nothing.
     """
@@ -58,7 +63,7 @@ def bounded_interrupts(*, deadline: float = EXIT_DEADLINE,
     wakeup.setblocking(False)  # set_wakeup_fd requires it
     previous_fd = signal.set_wakeup_fd(wakeup.fileno(), warn_on_full_buffer=False)
     previous_term = signal.signal(signal.SIGTERM, _raise_terminated)
-    watchdog = threading.Thread(target=_watch, args=(heard, deadline, tuple(last_rites)),
+    watchdog = threading.Thread(target=_watch, args=(heard, deadline, tuple(at_once), tuple(last_rites)),
                                 name="stylize-interrupt-watchdog", daemon=True)
     watchdog.start()
     try:
@@ -71,7 +76,16 @@ def bounded_interrupts(*, deadline: float = EXIT_DEADLINE,
         wakeup.close()
 
 
-def _watch(heard: socket.socket, deadline: float,
+def _call_each(callbacks: tuple[Callable[[], None], ...]) -> None:
+    for callback in callbacks:
+        try:
+            callback()
+        except Exception:  # the process is ending anyway; say what could not be done
+            log.warning("while ending the process: %s failed", getattr(callback, "__name__", callback),
+                        exc_info=True)
+
+
+def _watch(heard: socket.socket, deadline: float, at_once: tuple[Callable[[], None], ...],
            last_rites: tuple[Callable[[], None], ...]) -> None:
     # Not a thread the kernel may hand the signal to: the main thread must get it, and raise.
     if hasattr(signal, "pthread_sigmask"):  # POSIX
@@ -88,13 +102,10 @@ def _watch(heard: socket.socket, deadline: float,
         if signals:
             break
     # ``heard`` stays open: while the block lasts, later signals still write to its peer.
+    _call_each(at_once)
     # Sleep on an event nobody sets: a plain wait that ends at the deadline.
     threading.Event().wait(deadline)
-    for rite in last_rites:
-        try:
-            rite()
-        except Exception:  # the process is ending anyway; say what could not be done
-            log.warning("while ending the process: %s failed", getattr(rite, "__name__", rite), exc_info=True)
+    _call_each(last_rites)
     # Through logging like every other line (the CLI's handler, else logging's last resort: stderr).
     log.error("stylize: still running %.0f s after the interrupt (a storage request that does not answer?); "
               "exiting without waiting for it", deadline)

@@ -163,7 +163,9 @@ def test_transient_s3_failures_are_retried(s3, bucket, s3_server, monkeypatch):
     # More consecutive 503s than botocore's own retries absorb, so the task-level retry must act too.
     # Job writes only (the output probe is retried by its own task, test_output_probe).
     with FaultProxy(s3_server, kinds=("503",), methods=("PUT",), path=r"\.(png|jpg|json)$", limit=6) as proxy:
-        monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
+        # The manifest is read through the proxy too: a manifest read from S3 may name only the
+        # endpoint it was read from.
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
         uri = s3_manifest(s3, bucket, proxy.url)
         summary = stylize_catalog(manifest=uri)
     assert len(proxy.faults) == 6
