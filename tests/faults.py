@@ -223,6 +223,29 @@ def kill(process: subprocess.Popen, sig: int = signal.SIGKILL, timeout: float = 
     return time.monotonic() - started
 
 
+def interrupt(process: subprocess.Popen, sig: int, proxy: FaultProxy, log: Path, on_the_wire: int = 0) -> None:
+    """Send ``sig``; the process must end within 10 s with 128 + sig, without a traceback, starting
+    no request to storage after the signal.
+
+    Up to ``on_the_wire`` requests may reach the proxy just after the signal, where the process
+    sends them all the time: they left before it (the proxy records when they arrive); one sent
+    after it would not be alone, nor arrive within the second."""
+    signalled = time.monotonic()
+    try:
+        seconds = kill(process, sig, timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(30)
+    late = [(t, method, path) for t, method, path in proxy.seen if t > signalled]
+    after = [] if len(late) <= on_the_wire and all(t < signalled + 1 for t, _, _ in late) else late
+    text = log.read_text()
+    assert process.returncode == 128 + sig, text[-3000:]
+    assert seconds < 10, f"{signal.Signals(sig).name} took {seconds:.1f} s to end the process"
+    assert after == [], f"storage requests after the signal: {after}"
+    assert "Traceback" not in text, text[-3000:]
+
+
 def wait_until(condition, timeout: float, what: str, process: subprocess.Popen | None = None) -> None:
     """Poll ``condition()`` every 20 ms; AssertionError naming ``what`` on timeout or if ``process`` ends."""
     deadline = time.monotonic() + timeout

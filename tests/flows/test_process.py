@@ -17,7 +17,7 @@ from typing import Callable
 
 import boto3
 import pytest
-from faults import FaultProxy, cli_env, descendants, kill, start_run, survivors, wait_until
+from faults import FaultProxy, cli_env, descendants, interrupt, kill, start_run, survivors, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -58,9 +58,8 @@ def test_a_run_with_failed_jobs_prints_its_table_and_no_traceback(tmp_path):
     assert state.is_failed() and "2 job(s) failed" in state.message
 
 
-@pytest.mark.parametrize("scenario, sig, code", [("hung", signal.SIGINT, 130), ("retrying", signal.SIGTERM, 143)])
-def test_an_interrupt_during_a_stalled_upload_ends_the_run_within_10_s(scenario, sig, code, s3_server, bucket,
-                                                                       tmp_path):
+@pytest.mark.parametrize("scenario, sig", [("hung", signal.SIGINT), ("retrying", signal.SIGTERM)])
+def test_an_interrupt_during_a_stalled_upload_ends_the_run_within_10_s(scenario, sig, s3_server, bucket, tmp_path):
     # hung: the first image upload stalls for two minutes; botocore waits out its 60 s read timeout,
     # then retries (5 times), and Prefect retries the task: Ctrl+C took 365 s before this change.
     # retrying: every image upload stalls, and a 1 s read timeout makes botocore retry every few
@@ -73,20 +72,14 @@ def test_an_interrupt_during_a_stalled_upload_ends_the_run_within_10_s(scenario,
                         storage=storage.format(proxy.url))
         log = tmp_path / "run.log"
         process = start_run(path, cli_env(tmp_path / "prefect"), log=log)
-        proxy.wait_for_fault(1 if scenario == "hung" else 2, timeout=240)  # retrying: in botocore's retries
-        signalled = time.monotonic()
-        seconds = kill(process, sig, timeout=60)
-        after = [(method, where) for t, method, where in proxy.seen if t > signalled]
-    text = log.read_text()
-    assert process.returncode == code, text[-3000:]
-    assert seconds < 10, f"took {seconds:.1f} s to end after the signal"
-    assert after == [], f"storage requests after the interrupt: {after}"
-    assert "Traceback" not in text, text[-3000:]
+        try:
+            proxy.wait_for_fault(1 if scenario == "hung" else 2, timeout=240)  # retrying: in botocore's retries
+        finally:
+            interrupt(process, sig, proxy, log)
 
 
-@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_an_interrupt_while_the_manifest_read_hangs_ends_the_run_within_10_s(sig, code, s3_server, s3, bucket,
-                                                                             tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupt_while_the_manifest_read_hangs_ends_the_run_within_10_s(sig, s3_server, s3, bucket, tmp_path):
     # Before the flow starts, `stylize run` reads the manifest in its main thread: a GET that hangs
     # there must not hold the process either (nor be retried by botocore after the signal).
     s3.put_object(Bucket=bucket, Key="manifests/m.yaml", Body=b"version: 1\noutput: out\npairs: []\n")
@@ -97,18 +90,8 @@ def test_an_interrupt_while_the_manifest_read_hangs_ends_the_run_within_10_s(sig
                             cli_env(tmp_path / "prefect", AWS_ENDPOINT_URL=proxy.url), log=log)
         try:
             proxy.wait_for_fault(timeout=120)
-            signalled = time.monotonic()
-            seconds = kill(process, sig, timeout=60)
         finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait(30)
-        after = [(method, where) for t, method, where in proxy.seen if t > signalled]
-    text = log.read_text()
-    assert process.returncode == code, text[-3000:]
-    assert seconds < 10, f"took {seconds:.1f} s to end after the signal"
-    assert after == [], f"storage requests after the interrupt: {after}"
-    assert "Traceback" not in text, text[-3000:]
+            interrupt(process, sig, proxy, log)
 
 
 def environment_without_api(tmp_path: Path, **extra: str) -> dict[str, str]:

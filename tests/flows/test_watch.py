@@ -15,7 +15,7 @@ from pathlib import Path
 
 import boto3
 import pytest
-from faults import FaultProxy, cli_env, kill, wait_until
+from faults import FaultProxy, cli_env, interrupt, wait_until
 
 from flows.catalog import stylize_catalog
 from flows.watch import DeploymentRuns, InProcessRuns, RunNotFinished, Watcher, check_standing_manifest
@@ -294,27 +294,6 @@ def s3_through(proxy: FaultProxy, s3_server: str, tmp_path: Path) -> dict[str, s
     """The watcher's environment: S3 (the manifest too, which may name only the endpoint it was read
     from) through the proxy, SQS straight to the server."""
     return cli_env(tmp_path / "prefect", AWS_ENDPOINT_URL=s3_server, AWS_ENDPOINT_URL_S3=proxy.url)
-
-
-def interrupt(process: subprocess.Popen, sig: int, proxy: FaultProxy, log: Path, on_the_wire: int = 0) -> None:
-    """Send ``sig``; the watcher must end within 10 s with 128 + sig, starting no request to S3.
-
-    Up to ``on_the_wire`` requests may reach the proxy just after the signal, if the run sends them
-    all the time: they left before it (the proxy records when they arrive); one sent after it
-    would not be alone, nor arrive within the second."""
-    signalled = time.monotonic()
-    try:
-        seconds = kill(process, sig, timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(30)
-    late = [(t, method, path) for t, method, path in proxy.seen if t > signalled]
-    after = [] if len(late) <= on_the_wire and all(t < signalled + 1 for t, _, _ in late) else late
-    assert process.returncode == 128 + sig, log.read_text()[-3000:]
-    assert seconds < 10, f"{signal.Signals(sig).name} took {seconds:.1f} s to end the watcher"
-    assert after == [], f"storage requests after the signal: {after}"
-    assert "Traceback" not in log.read_text(), log.read_text()[-3000:]
 
 
 def started_keys(ledger: Path) -> list:
