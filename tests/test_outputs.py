@@ -130,6 +130,9 @@ def test_a_pair_whose_output_is_its_content_fails_alone(photos, output, capsys):
     assert main(["plan", uri]) == 0  # plan says so too, before any run
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("error a  pairs[0]: output image ") and lines[1].startswith("run   b  ")
+    assert main(["validate", uri]) == 2  # and validate, naming the pair
+    err = capsys.readouterr().err
+    assert "1 problem" in err and "  pairs[0]: output image " in err and "content input" in err, err
 
 
 def test_snapshots_and_metadata_never_land_on_inputs(photos):

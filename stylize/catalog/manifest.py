@@ -494,7 +494,7 @@ def validate(
         count += 1
         if not check_inputs:
             continue
-        for problem in _input_problems(manifest, job, checks, storage, found):
+        for problem in [*_input_problems(manifest, job, checks, storage, found), *_output_problems(job)]:
             if problem not in reported:
                 reported.add(problem)
                 problems.append(problem)
@@ -528,6 +528,20 @@ def _input_problems(manifest: Manifest, job: Job, checks: list[tuple[str, str]],
                 found[weights] = str(exc)
         if found[weights]:
             yield _weights_field(manifest, job), found[weights]
+
+
+def _output_problems(job: Job) -> Iterator[Problem]:
+    """(field path, why) when an output of ``job`` would replace one of its inputs (a run refuses
+    the job; see ``outputs.refuse_inputs``)."""
+    from stylize.catalog.outputs import refuse_inputs  # outputs builds on this module
+    from stylize.errors import OverwriteError
+
+    if job.settings is None:  # its settings are invalid: reported as such
+        return
+    try:
+        refuse_inputs(job)
+    except OverwriteError as exc:
+        yield job.source, str(exc).removeprefix(f"{job.source}: ")
 
 
 def _weights_field(manifest: Manifest, job: Job) -> str:

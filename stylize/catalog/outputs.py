@@ -31,7 +31,7 @@ from stylize.catalog.storage import Storage, child, is_s3, local_path, split_s3
 from stylize.catalog.thumbnails import output_thumb
 from stylize.errors import NotFoundError, OverwriteError
 
-__all__ = ["claim", "init_uri", "job_inputs", "resolved", "snapshot_uri", "snapshot_uris"]
+__all__ = ["claim", "init_uri", "refuse_inputs", "job_inputs", "resolved", "snapshot_uri", "snapshot_uris"]
 
 
 def init_uri(job: Job) -> str | None:
@@ -78,10 +78,8 @@ def claim(job: Job, storage: Storage, image_uri: str | None = None, metadata_uri
     False: it does (``stylize image --overwrite``), and the error says so.
     """
     image_uri, metadata_uri = image_uri or job.image_uri, metadata_uri or job.metadata_uri
-    targets = {"image": image_uri, "metadata": metadata_uri,
-               "thumbnail": child(job.output, output_thumb(job.name))}
+    refuse_inputs(job, image_uri, metadata_uri)
     snapshots = snapshot_uris(job, image_uri)
-    _refuse_inputs(job, targets, snapshots)
     exists, meta = _sidecar(storage, metadata_uri)
     if overwrite:
         return meta if metadata.is_stylize_metadata(meta) else None
@@ -95,8 +93,14 @@ def claim(job: Job, storage: Storage, image_uri: str | None = None, metadata_uri
     return meta
 
 
-def _refuse_inputs(job: Job, targets: dict[str, str], snapshots: list[str]) -> None:
-    """OverwriteError when an output would land on one of the job's inputs."""
+def refuse_inputs(job: Job, image_uri: str | None = None, metadata_uri: str | None = None) -> None:
+    """OverwriteError when one of ``job``'s outputs (image, metadata, thumbnail, snapshots) would
+    land on one of its inputs. Reads nothing from storage (local paths are resolved), so
+    ``validate`` can ask it too."""
+    image_uri, metadata_uri = image_uri or job.image_uri, metadata_uri or job.metadata_uri
+    targets = {"image": image_uri, "metadata": metadata_uri,
+               "thumbnail": child(job.output, output_thumb(job.name))}
+    snapshots = snapshot_uris(job, image_uri)
     inputs = {resolved(uri): (field, uri) for field, uri in job_inputs(job).items()}
     folder = os.path.dirname(resolved(targets["image"])) if snapshots and not is_s3(targets["image"]) else None
     for role, uri in targets.items():
