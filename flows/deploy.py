@@ -135,12 +135,14 @@ def stylize_sharded(
     max_failures: int = 0,
     settings: dict[str, Any] | None = None,
     poll_seconds: float = 15.0,
+    allow_local: list[str] | None = None,
 ) -> dict[str, Any]:
     """Run ``manifest`` as ``shards`` runs of the catalog ``deployment`` at once, one per shard.
 
     Shard ``i`` runs with ``shard="i/shards"``, this run's ``manifest`` and
-    ``max_failures``, and its ``output`` and ``settings`` when given (else the
-    deployment's). Waits for every shard, then returns each shard's state and
+    ``max_failures``, and its ``output``, ``settings`` and ``allow_local`` when
+    given (else the deployment's): an S3 manifest may name local paths only
+    below ``allow_local``, as in the catalog flow. Waits for every shard, then returns each shard's state and
     counts and their sum. Fails when a shard did not complete or when more than
     ``max_failures`` jobs failed in all.
     """
@@ -148,9 +150,10 @@ def stylize_sharded(
         raise ConfigError(f"shards must be at least 1, found {shards}")
     # A wrong deployment name or a bad manifest fails here, before any shard starts.
     _check_deployment(deployment)
-    doc = load(manifest)
+    doc = load(manifest, allow_local)
     common = {"manifest": manifest, "max_failures": max_failures}
-    common.update({k: v for k, v in (("output", output), ("settings", settings)) if v is not None})
+    common.update({k: v for k, v in (("output", output), ("settings", settings), ("allow_local", allow_local))
+                   if v is not None})
     futures = [run_shard.submit(deployment, common, f"{i}/{shards}", poll_seconds) for i in range(shards)]
     runs = [future.result() for future in futures]
 

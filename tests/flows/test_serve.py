@@ -168,7 +168,7 @@ def test_sharded_parent_runs_one_deployment_run_per_shard(served, server, catalo
     out = catalog.parent / "sharded"
     with temporary_settings({PREFECT_API_URL: server}):
         summary = stylize_sharded(manifest=str(catalog), shards=2, deployment=DEPLOYMENT,
-                                  output=str(out), poll_seconds=1)
+                                  output=str(out), poll_seconds=1, allow_local=[str(catalog.parent)])
         with get_client(sync_client=True) as client:
             runs = [client.read_flow_run(s["flow_run_id"]) for s in summary["shards"]]
 
@@ -177,6 +177,7 @@ def test_sharded_parent_runs_one_deployment_run_per_shard(served, server, catalo
         [("0/2", "Completed", 1), ("1/2", "Completed", 1)]
     assert [r.parameters["shard"] for r in runs] == ["0/2", "1/2"]
     assert all(r.parameters["output"] == str(out) for r in runs)
+    assert all(r.parameters["allow_local"] == [str(catalog.parent)] for r in runs)  # what S3 manifests may read
     assert len(list(out.glob("*.png"))) == 2
     # The served deployment allows one run at a time, so its two shards took turns.
     first, second = sorted(runs, key=lambda r: r.start_time)
