@@ -137,3 +137,74 @@ def test_a_run_records_its_history_dtype():
                                Settings(**base, max_memory=str((f32 + bf16) // 2)))
     assert result.memory[0]["history"] == 50 and result.memory[0]["history_dtype"] == "bfloat16"
     assert result.records[-1].total < 0.7 * result.records[0].total
+
+
+class ImageSizedBuffers:
+    """Counts live image-sized buffers (float32: 1, bfloat16: 1/2) as they come and go, by watching every
+    tensor operation (a ``TorchDispatchMode``); ``peak`` is the most held at once and ``at_peak`` which
+    operations made them. Buffers within 3% of the image's size count (TV's neighbour differences are
+    one row or column short), so the image must be far larger or smaller than any other tensor."""
+
+    def __init__(self, numel: int):
+        import weakref
+
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        sizes = {numel * 4: 1.0, numel * 2: 0.5}
+        live: dict[int, list] = {}  # storage address -> [op, units, tensors alive]
+        self.peak, self.at_peak = 0.0, []
+        counter = self
+
+        def gone(key):
+            entry = live.get(key)
+            if entry is not None:
+                entry[2] -= 1
+                if entry[2] == 0:
+                    del live[key]
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for t in out if isinstance(out, (tuple, list)) else (out,):
+                    if not isinstance(t, torch.Tensor):
+                        continue
+                    nbytes = t.untyped_storage().nbytes()
+                    units = next((u for b, u in sizes.items() if 0.97 * b <= nbytes <= b), None)
+                    if units is None:
+                        continue
+                    key = t.untyped_storage().data_ptr()
+                    live.setdefault(key, [func.overloadpacket.__name__, units, 0])[2] += 1
+                    weakref.finalize(t, gone, key)
+                    held = sum(entry[1] for entry in live.values())
+                    if held > counter.peak:
+                        counter.peak, counter.at_peak = held, sorted(entry[0] for entry in live.values())
+                return out
+
+        self.mode = Mode()
+
+
+@pytest.mark.parametrize("history_dtype", [torch.float32, torch.bfloat16])
+def test_image_sized_buffers_of_a_tiled_level_are_counted(monkeypatch, history_dtype):
+    """At a print's top level the estimate's image-sized term (IMAGE_VECTORS_HELD float32 vectors, and some
+    headroom) holds every image-sized buffer alive at once (the iterate, its start, the photo, gradients, the step, L-BFGS's and
+    TV's temporaries): counted op by op over a tiled 128 px level of three L-BFGS steps (history pairs
+    apart, as the estimate counts them apart). At 4096 x 4096 each is 201 MB."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    from stylize.engine import budget
+    from stylize.engine.optimize import Engine
+
+    monkeypatch.setattr(budget, "HISTORY_DTYPES", (history_dtype,))
+    photo = Image.open(Path(__file__).parent / "data" / "astronaut.png").convert("RGB")
+    style = Image.open(Path(__file__).parent / "data" / "starry_night.jpg").convert("RGB")
+    # Shallow layers (a 16 px halo) keep the 2 x 2 tiles cheap; the code path is a print's.
+    s = Settings(size=128, iterations=3, scales=1, tolerance=0, precision="float32", tile=64,
+                 content_layers=("relu2_1",), style_layers=("relu1_1", "relu2_1"))
+    engine = Engine("cpu")
+    counter = ImageSizedBuffers(128 * 128 * 3)
+    with counter.mode:
+        result = engine.run(photo, [style], s)
+    assert result.memory[0]["tile"] == 64 and result.memory[0]["history_dtype"] == str(history_dtype)[6:]
+    assert 4 <= counter.peak <= budget.IMAGE_VECTORS_HELD < budget.IMAGE_VECTORS, counter.at_peak

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from stylize.engine.losses import ContentLoss, StyleLoss, TVLoss, Valid, gram
+from stylize.engine.losses import ContentLoss, StyleLoss, TVLoss, Valid, gram, tv_and_grad
 
 
 def test_gram_of_known_matrix():
@@ -47,6 +47,18 @@ def test_tv_hand_computed():
     x = torch.tensor([[0.0, 1.0, 0.0], [0.0, 1.0, 0.0]]).view(1, 1, 2, 3)
     # dx: 4 diffs all of size 1 -> mean 1; dy: 3 diffs all 0 -> mean 0.
     assert TVLoss()(x).item() == 0.5
+
+
+def test_tv_and_grad_match_autograd():
+    """The tiled levels' TV: value and gradient (added into a buffer) equal autograd through TVLoss."""
+    x = torch.rand(2, 3, 7, 9, dtype=torch.float64, requires_grad=True)
+    w = torch.tensor([1.0, 3.0], dtype=torch.float64)
+    ((2.5 * TVLoss()(x)) * w).sum().backward()
+    grad = torch.full_like(x, 0.25).detach()  # what is there already is kept
+    tv = tv_and_grad(x.detach(), 2.5, grad)
+    torch.testing.assert_close(tv, 2.5 * TVLoss()(x).detach(), rtol=1e-12, atol=0)
+    torch.testing.assert_close((grad - 0.25) * w.view(2, 1, 1, 1), x.grad, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(tv_and_grad(x.detach(), 2.5, None), tv)
 
 
 def test_gram_gradient_matches_autograd():

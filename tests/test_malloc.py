@@ -63,3 +63,32 @@ def test_user_tunes_malloc():
     assert user_tunes_malloc({"MALLOC_TRIM_THRESHOLD_": "0"}) == "MALLOC_TRIM_THRESHOLD_ is set"
     assert user_tunes_malloc({"GLIBC_TUNABLES": "glibc.malloc.mmap_max=0"}) == "GLIBC_TUNABLES is set"
     assert user_tunes_malloc({"LD_PRELOAD": "/usr/lib/libjemalloc.so.2"}) == "jemalloc is preloaded"
+
+
+RELEASE_PROBE = """
+import json, sys
+import torch
+from stylize.engine.malloc import release_freed_memory
+from stylize.engine.optimize import Engine
+state = Engine("cpu").malloc
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+big = torch.ones(2**24)  # 64 MiB from the heap
+pin = torch.ones(1000)  # above it: the heap cannot shrink from the top
+del big
+kept = rss()
+released = release_freed_memory()
+print(json.dumps({"state": state, "released": released, "dropped": kept - rss()}))
+"""
+
+
+@glibc_only
+def test_freed_memory_is_released_between_levels():
+    """A level's blocks are handed back before the next level starts, even those below a block in use."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    out = subprocess.run([sys.executable, "-c", RELEASE_PROBE], capture_output=True, text=True, env=environ,
+                         check=True)
+    result = json.loads(out.stdout.splitlines()[-1])
+    assert result["state"] == "tuned" and result["released"]
+    assert result["dropped"] > 0.9 * 2**26

@@ -80,7 +80,7 @@ def whole_and_tiled(s: Settings, x: torch.Tensor, content: torch.Tensor, style, 
         assert_rel_close(tiled_targets[n], content_feats[n], 1e-5)
     spec = Objective(model, s, tiled_targets, grams, dtype, True).spec
     tiled_x = x.clone().requires_grad_(True)
-    total, content_loss, style_loss = tiled_feature_losses(tiled_x, model, spec, plan, True)
+    total, content_loss, style_loss, _tv = tiled_feature_losses(tiled_x, model, spec, plan, True)
     (total * weights).sum().backward()
     return (ref_content.detach(), ref_style.detach(), ref_x.grad), (content_loss, style_loss, tiled_x.grad)
 

@@ -3,10 +3,14 @@
 The estimate adds what a level holds at its peak:
 
 * the runtime and the network's weights (fixed);
-* image-sized vectors: the image, its gradient (twice, as L-BFGS keeps the
-  last one), the search direction and step, the content photo, total
-  variation's temporaries, and the content targets (relu4_2: 512 channels at
-  1/64 of the pixels, 32 bytes per pixel);
+* image-sized vectors (IMAGE_VECTORS float32 ones): at most 7 are alive at
+  once in a tiled level (``tests/test_budget.py`` counts them op by op): the
+  photo, the level's start and its iterate, L-BFGS's last gradient and its
+  step, the new gradient (the tiled objective adds every tile's part, TV's
+  too, into one buffer that becomes it) and one of TV's neighbour
+  differences; the other 3 are headroom. Before TV's gradient was computed
+  in place and L-BFGS stopped copying gradients, 13 were; plus the content
+  targets (relu4_2: 512 channels at 1/64 of the pixels, 32 bytes per pixel);
 * the L-BFGS history: two vectors per remembered step, 2 x 50 x 3 floats =
   1.2 kB per pixel at the default 50 (200 MB per vector at 4096 x 4096);
 * one VGG pass with its backward: over the whole image, or over one tile's
@@ -35,8 +39,10 @@ from stylize.errors import ResourceError
 #: outer box (autograd pass).
 WHOLE_PASS_BYTES = {torch.float32: 2400, torch.bfloat16: 1400}
 TILE_PASS_BYTES = {torch.float32: 3800, torch.bfloat16: 2300}
-#: Image-sized float32 vectors a level holds besides the history (see the module docstring).
-IMAGE_VECTORS = 10
+#: Image-sized float32 vectors a level holds at once besides the history (see the module docstring;
+#: tests/test_budget.py counts them), and what the estimate counts: those plus 3 of headroom.
+IMAGE_VECTORS_HELD = 7
+IMAGE_VECTORS = IMAGE_VECTORS_HELD + 3
 #: The Python process with torch loaded, on the CPU, before any tensor (peak RSS of an idle engine: 0.7 GB
 #: including the weights, which are counted separately).
 CPU_RUNTIME_BYTES = 500 * 2**20

@@ -80,7 +80,9 @@ class BatchedLBFGS:
         self.x.grad = None
         loss = evaluate()  # (b,)
         loss.sum().backward()
-        self.g = self.x.grad.detach().flatten(1).clone()  # (b, n)
+        # The gradient's own buffer, not a copy (an image-sized vector less at a print's peak): ``x.grad``
+        # is let go, and each evaluation starts from None.
+        self.g, self.x.grad = self.x.grad.detach().flatten(1), None  # (b, n)
         return loss.detach()
 
     def start(self, evaluate: Callable[[], Tensor]) -> Tensor:
@@ -156,8 +158,10 @@ class BatchedLBFGS:
         """Products of the newest pair (the last, oldest first) with the others and with the new gradient."""
         m, b = self.count, y.shape[0]
         stack = self._stack()
-        # One pass over the history: every s_i and y_i against the new gradient and the new y.
-        products = torch.bmm(stack, torch.stack([self.g, y], 2).to(stack.dtype)).to(y.dtype)  # (b, 2m, 2)
+        # Every s_i and y_i against the new gradient and the new y: one column at a time, as stacking the
+        # two would copy two image-sized vectors (at a print's top level, on top of the history).
+        products = torch.cat([torch.bmm(stack, v.unsqueeze(2).to(stack.dtype)) for v in (self.g, y)],
+                             2).to(y.dtype)  # (b, 2m, 2)
         products = self._by_age(products.view(b, m, 2, 2), slots_to_age=True)  # [pair, s|y, g|y_new]
         if stack.dtype != y.dtype:  # the newest pair's own products from its unrounded vectors
             products[:, m - 1, 0, 1] = torch.bmm(s.unsqueeze(1), y.unsqueeze(2)).view(b)

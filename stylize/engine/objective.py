@@ -68,10 +68,8 @@ class Objective(nn.Module):
         rgb = image.expand(-1, 3, -1, -1) if image.shape[1] == 1 else image  # luminance -> grey RGB
         wc, ws, wt = self.weights
         if self.tiles is not None:
-            features, content, style = tiled_feature_losses(image, self.features, self.spec, self.tiles,
-                                                            self.channels_last, self.timings)
-            tv = wt * self.tv(image)
-            return features + tv, content, style, tv
+            return tiled_feature_losses(image, self.features, self.spec, self.tiles, self.channels_last,
+                                        self.timings, wt)
         if self.fused:
             content, style = feature_losses(self.features.preprocess(rgb.float()), self.features, self.spec,
                                             self.channels_last, self.valid)

@@ -37,7 +37,7 @@ from stylize.engine.hardware import peak_memory, resolve_device, resolve_precisi
 from stylize.engine.layout import Layout
 from stylize.engine.lbfgs import BatchedLBFGS
 from stylize.engine.losses import Valid, gram
-from stylize.engine.malloc import retain_freed_memory
+from stylize.engine.malloc import release_freed_memory, retain_freed_memory
 from stylize.engine.objective import Objective, run_features
 from stylize.engine.schedule import converged, level_iterations, level_sizes, print_scales
 from stylize.engine.settings import Settings
@@ -545,6 +545,8 @@ class Engine:
                         content_feats = tiled_features(model, c_target, s.content_layers, tiles, self.channels_last)
                 objective = Objective(model, s, content_feats, style_grams, dtype, self.channels_last, self.fused,
                                       tiles=tiles, valid=valid)
+                if self.device.type == "cpu":  # the levels before and the target passes leave free pages behind
+                    release_freed_memory()
                 level = new_level(x=start.clone().requires_grad_(True), objective=objective)
                 level.run(plan.history, plan.history_dtype)
                 return level, plan

@@ -22,8 +22,9 @@ The losses are sums over positions, each position in exactly one core:
   ``mean((G - A)^2)`` is a function of the global G, and its gradient at a
   position is ``f_p (G - A) * 4 / (c^2 c h w)``: the second pass runs each tile
   forward and backward with that gradient injected at the core positions.
-* Total variation is cheap and local: the caller evaluates it on the whole
-  image (``losses.TVLoss``).
+* Total variation is cheap and local: it is evaluated on the whole image,
+  its gradient added straight into the image's gradient
+  (``losses.tv_and_grad``: no autograd temporaries).
 
 The gradient of the image is the sum over tiles of each tile's input
 gradient (which reaches into the halo: a core feature depends on halo pixels),
@@ -46,6 +47,7 @@ from torch import Tensor
 
 from stylize.engine.features import LAYER_INDEX, LAYERS, VGG19Features, check_layers
 from stylize.engine.fused import LossSpec
+from stylize.engine.losses import tv_and_grad
 from stylize.errors import ConfigError
 
 __all__ = ["Tile", "TilePlan", "layer_geometry", "halo_for", "plan_tiles", "tiled_features", "tiled_grams",
@@ -238,11 +240,12 @@ def _tile_pass(model: VGG19Features, x: Tensor, tile: Tile, spec: LossSpec, gdif
 
 
 class _TiledLoss(torch.autograd.Function):
-    """(image) -> (weighted content + style (b,), content (b,), style (b,)); the gradient is computed up front."""
+    """(image) -> (weighted content + style + TV (b,), content (b,), style (b,), TV (b,)); the gradient is
+    computed up front, into one image-sized buffer that the backward scales in place."""
 
     @staticmethod
     def forward(ctx, x: Tensor, model: VGG19Features, spec: LossSpec, plan: TilePlan, channels_last: bool,
-                timings: dict[str, float]):
+                timings: dict[str, float], tv_weight: float):
         b = x.shape[0]
         style = torch.zeros(b, dtype=torch.float32, device=x.device)
         gdiffs: dict[str, Tensor] = {}
@@ -268,19 +271,23 @@ class _TiledLoss(torch.autograd.Function):
             content += part
             if grad is not None:
                 _pixels(grad, tile).add_(tile_grad)
+            del tile_grad
+        tv = tv_and_grad(x, tv_weight, grad) if tv_weight else torch.zeros_like(content)
         ctx.grad = grad
-        ctx.mark_non_differentiable(content, style)
-        return content + style, content, style
+        ctx.mark_non_differentiable(content, style, tv)
+        return content + style + tv, content, style, tv
 
     @staticmethod
-    def backward(ctx, grad_total: Tensor, _grad_content, _grad_style):
+    def backward(ctx, grad_total: Tensor, _grad_content, _grad_style, _grad_tv):
         grad, ctx.grad = ctx.grad, None
-        return grad * grad_total.view(-1, *([1] * (grad.dim() - 1))), None, None, None, None, None
+        return grad.mul_(grad_total.view(-1, *([1] * (grad.dim() - 1)))), None, None, None, None, None, None
 
 
 def tiled_feature_losses(x: Tensor, model: VGG19Features, spec: LossSpec, plan: TilePlan, channels_last: bool,
-                         timings: dict[str, float] | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """Weighted (content + style, content, style) per image of ``x`` (RGB or luminance in 0-1), tile by tile.
+                         timings: dict[str, float] | None = None,
+                         tv_weight: float = 0.0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Weighted (content + style + TV, content, style, TV) per image of ``x`` (RGB or luminance in 0-1),
+    tile by tile; TV (``losses.TVLoss`` times ``tv_weight``) on the whole image.
 
     Only the first is differentiable in ``x``: its gradient is computed during
     the call (a graph over every tile would hold the whole image's
@@ -289,5 +296,5 @@ def tiled_feature_losses(x: Tensor, model: VGG19Features, spec: LossSpec, plan: 
     given, accumulates seconds spent in the Gram pass, the tiles' forward
     passes and their backward passes.
     """
-    return _TiledLoss.apply(x, model, spec, plan, channels_last, {} if timings is None else timings)
+    return _TiledLoss.apply(x, model, spec, plan, channels_last, {} if timings is None else timings, tv_weight)
 
