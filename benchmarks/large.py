@@ -187,12 +187,7 @@ def part_budget(args, whole: dict, size: int, iterations: int) -> None:
         f"{'met' if per_mp <= 2 * base_mp else 'NOT met'}); peak RSS {row['peak_rss_mib']:.0f} MiB = "
         f"{over:.0%} of the budget (target <= 110%: {'met' if over <= 1.1 else 'NOT met'}); "
         f"{describe(row)}; {row['seconds']:.0f} s in all [load {row['load']:.1f}]")
-    top = row["levels"][-1]
-    history, held = top["history"], min(top["history"], row["level_iterations"][-1])
-    if held < history:  # L-BFGS keeps one (s, y) pair per step: a longer level holds more
-        more = (history - held) * 2 * w * h * 3 * (2 if top.get("history_dtype") == "bfloat16" else 4) / 2**20
-        say(f"    after {held} step(s) L-BFGS holds {held} of its {history} history pairs; the full history "
-            f"adds {more:.0f} MiB: {(row['peak_rss_mib'] + more) / budget_mib:.0%} of the budget")
+    # L-BFGS allocates its whole history (a ring buffer) at the first step, so one step shows its full size.
 
 
 def part_schedule(args, workdir: Path) -> None:

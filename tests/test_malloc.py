@@ -14,7 +14,8 @@ glibc_only = pytest.mark.skipif(
     platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's malloc only"
 )
 
-# Allocates, frees and reallocates a 64 MiB tensor (over glibc's largest mmap threshold)
+# Allocates, frees and reallocates a 48 MiB tensor (over glibc's largest default mmap threshold, 32 MiB,
+# under the tuned one, 64 MiB)
 # and prints the minor page faults of the reallocation and the tuning's outcome.
 PROBE = """
 import json, resource, sys
@@ -23,9 +24,9 @@ from stylize.engine.optimize import Engine
 state = Engine("cpu", retain_memory=sys.argv[1] == "1").malloc
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-torch.ones(2**24).sum()  # first touch: always faults
+torch.ones(3 * 2**22).sum()  # first touch: always faults
 before = faults()
-torch.ones(2**24).sum()
+torch.ones(3 * 2**22).sum()
 print(json.dumps({"state": state, "faults": faults() - before}))
 """
 
@@ -41,7 +42,8 @@ def probe(retain: bool, env: dict[str, str] | None = None) -> dict:
 
 @glibc_only
 def test_retained_memory_is_reused_without_page_faults():
-    pages = 2**24 * 4 // 4096  # 16384 pages of 4 KiB
+    """Under 64 MiB; larger blocks are unmapped when freed (see test_large_blocks_are_not_kept)."""
+    pages = 3 * 2**22 * 4 // 4096  # 12288 pages of 4 KiB
     untuned = probe(retain=False)
     assert untuned["state"] == "not asked"
     assert untuned["faults"] > pages // 2  # the control: glibc unmapped the block and the kernel refaults it
@@ -54,7 +56,7 @@ def test_retained_memory_is_reused_without_page_faults():
 def test_user_settings_stand():
     result = probe(retain=True, env={"MALLOC_ARENA_MAX": "2"})
     assert result["state"] == "MALLOC_ARENA_MAX is set"
-    assert result["faults"] > 2**24 * 4 // 4096 // 2
+    assert result["faults"] > 3 * 2**22 * 4 // 4096 // 2
 
 
 def test_user_tunes_malloc():
@@ -74,7 +76,7 @@ state = Engine("cpu").malloc
 def rss():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * 4096
-big = torch.ones(2**24)  # 64 MiB from the heap
+big = torch.ones(3 * 2**22)  # 48 MiB from the heap
 pin = torch.ones(1000)  # above it: the heap cannot shrink from the top
 del big
 kept = rss()
@@ -91,4 +93,31 @@ def test_freed_memory_is_released_between_levels():
                          check=True)
     result = json.loads(out.stdout.splitlines()[-1])
     assert result["state"] == "tuned" and result["released"]
-    assert result["dropped"] > 0.9 * 2**26
+    assert result["dropped"] > 0.9 * 3 * 2**24
+
+
+LARGE_PROBE = """
+import json
+import torch
+from stylize.engine.optimize import Engine
+state = Engine("cpu").malloc
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+big = torch.ones(2**25)  # 128 MiB: mapped on its own
+pin = torch.ones(1000)
+before = rss()
+del big
+print(json.dumps({"state": state, "dropped": before - rss()}))
+"""
+
+
+@glibc_only
+def test_large_blocks_are_not_kept():
+    """A print's blocks (64 MiB and more) go back to the kernel when freed, so freed ones of other sizes
+    never stay resident under the next."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    out = subprocess.run([sys.executable, "-c", LARGE_PROBE], capture_output=True, text=True, env=environ,
+                         check=True)
+    result = json.loads(out.stdout.splitlines()[-1])
+    assert result["state"] == "tuned" and result["dropped"] > 0.9 * 2**27

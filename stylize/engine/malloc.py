@@ -10,18 +10,26 @@ of them on its first write: on the 2-core CI machine that costs about 12 ms per
 45 MB tensor (against 1.5 ms to zero the same tensor when its pages are
 already mapped), and about 8% of a float32 iteration in all.
 
-:func:`retain_freed_memory` sets glibc's ``M_MMAP_MAX`` to 0 (every block
-comes from the heap) and ``M_TRIM_THRESHOLD`` to its largest value, 2 GiB (the
-heap is trimmed only when more than that is free at its top), so the second
-iteration onwards reuses pages that are already mapped. The process then keeps
-its high-water mark of memory until it exits, as PyTorch's CUDA caching
-allocator does with GPU memory. Between the levels of a run, though, the
-blocks of the levels before (other sizes, fragmented by small blocks still in
-use) would stay resident under the next level's: a 1536 px print with a
-4 GiB budget peaked at 7.0 GB RSS while its live tensors never exceeded
-3 GB. :func:`release_freed_memory` (``malloc_trim``) hands every free page
-back; ``Engine`` calls it as each level starts, so a run's peak is its
-largest level's, as ``stylize.engine.budget`` estimates it. It changes a process-wide setting, so
+:func:`retain_freed_memory` sets glibc's ``M_MMAP_THRESHOLD`` to 64 MiB
+(blocks below it come from the heap) and ``M_TRIM_THRESHOLD`` to its largest
+value, 2 GiB (the heap is trimmed only when more than that is free at its
+top), so the second iteration onwards reuses pages that are already mapped.
+The process then keeps its high-water mark of heap until it exits, as
+PyTorch's CUDA caching allocator does with GPU memory.
+
+Blocks of 64 MiB and more (a print's activations, image-sized vectors,
+L-BFGS's history) are still mapped and unmapped one by one: on the heap, the
+blocks of different sizes that a print allocates and frees left free holes
+that no later block fitted, all resident. A 3-level 1536 px run (384, 768,
+1536 px, 6 iterations each, bfloat16, ``--max-memory 4GiB``) peaked at 4385
+MiB RSS with every block on the heap (``M_MMAP_MAX`` 0, the first version of
+this module), against 2963 MiB of live blocks; the full print, 255
+iterations, at 7.0 GB. At a print's sizes the page faults cost little beside
+an iteration of tens of seconds. :func:`release_freed_memory`
+(``malloc_trim``) hands the heap's free pages back; ``Engine`` calls it as
+each level starts, so the levels before leave nothing resident.
+
+It changes a process-wide setting, so
 ``Engine`` calls it only for CPU engines (``retain_memory=False`` opts out),
 and it steps aside when the user tunes malloc already: a ``MALLOC_*`` or
 ``GLIBC_TUNABLES`` environment variable, or another allocator (jemalloc,
@@ -38,7 +46,10 @@ import threading
 
 # From glibc's malloc.h.
 M_TRIM_THRESHOLD = -1
-M_MMAP_MAX = -4
+M_MMAP_THRESHOLD = -3
+
+#: Blocks this large or larger are mapped on their own and unmapped when freed (see the module docstring).
+MMAP_THRESHOLD = 64 * 2**20
 
 #: mallopt takes a C int.
 LARGEST = 2**31 - 1
@@ -83,8 +94,8 @@ def _tune() -> str:
     libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     if not libc.mallopt(M_TRIM_THRESHOLD, LARGEST):
         return "mallopt(M_TRIM_THRESHOLD) failed"
-    if not libc.mallopt(M_MMAP_MAX, 0):
-        return "mallopt(M_MMAP_MAX) failed"
+    if not libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD):
+        return "mallopt(M_MMAP_THRESHOLD) failed"
     return "tuned"
 
 
