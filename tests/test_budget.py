@@ -185,10 +185,11 @@ class ImageSizedBuffers:
 
 @pytest.mark.parametrize("history_dtype", [torch.float32, torch.bfloat16])
 def test_image_sized_buffers_of_a_tiled_level_are_counted(monkeypatch, history_dtype):
-    """At a print's top level the estimate's image-sized term (IMAGE_VECTORS_HELD float32 vectors, and some
-    headroom) holds every image-sized buffer alive at once (the iterate, its start, the photo, gradients, the step, L-BFGS's and
-    TV's temporaries): counted op by op over a tiled 128 px level of three L-BFGS steps (history pairs
-    apart, as the estimate counts them apart). At 4096 x 4096 each is 201 MB."""
+    """At a print's top level the estimate's image-sized term (IMAGE_VECTORS_HELD float32 vectors, and
+    some headroom) holds every image-sized buffer alive at once (the iterate, its start, the photo,
+    gradients, the step, L-BFGS's and TV's temporaries): counted op by op over a tiled 128 px level of
+    three L-BFGS steps (history pairs apart, as the estimate counts them apart). At 4096 x 4096 each is
+    201 MB."""
     from pathlib import Path
 
     from PIL import Image
