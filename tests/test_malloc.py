@@ -121,3 +121,23 @@ def test_large_blocks_are_not_kept():
                          check=True)
     result = json.loads(out.stdout.splitlines()[-1])
     assert result["state"] == "tuned" and result["dropped"] > 0.9 * 2**27
+
+
+@pytest.mark.parametrize("threshold, per_level", [(0, 1 + 4), (10**9, 1)])
+def test_large_levels_release_free_pages_after_every_evaluation(monkeypatch, threshold, per_level):
+    """Once as each level starts; after every evaluation too (start + 3 steps) in a level of
+    RELEASE_EACH_STEP_PIXELS or more."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    from stylize.engine import optimize
+    from stylize.engine.settings import Settings
+
+    calls = []
+    monkeypatch.setattr(optimize, "RELEASE_EACH_STEP_PIXELS", threshold)
+    monkeypatch.setattr(optimize, "release_freed_memory", lambda: calls.append(1))
+    photo = Image.open(Path(__file__).parent / "data" / "chelsea.png").convert("RGB")
+    s = Settings(size=64, iterations=3, scales=1, tolerance=0, precision="float32")
+    optimize.Engine("cpu").run(photo, [photo], s)
+    assert len(calls) == per_level

@@ -37,7 +37,7 @@ from stylize.engine.hardware import peak_memory, resolve_device, resolve_precisi
 from stylize.engine.layout import Layout
 from stylize.engine.lbfgs import BatchedLBFGS
 from stylize.engine.losses import Valid, gram
-from stylize.engine.malloc import release_freed_memory, retain_freed_memory
+from stylize.engine.malloc import RELEASE_EACH_STEP_PIXELS, release_freed_memory, retain_freed_memory
 from stylize.engine.objective import Objective, run_features
 from stylize.engine.schedule import converged, level_iterations, level_sizes, print_scales
 from stylize.engine.settings import Settings
@@ -125,6 +125,9 @@ class Level:
     records: list[list[Record]] = field(default_factory=list)  # per image: this level's
     frozen: dict[int, Tensor] = field(default_factory=dict)  # image -> the iterate it converged at
     parts: dict[str, Tensor] = field(default_factory=dict)  # the last evaluation's losses, each (b,)
+    # Hand the heap's free pages back after every evaluation (CPU levels of RELEASE_EACH_STEP_PIXELS or
+    # more): otherwise the holes its blocks leave become resident one by one (``stylize.engine.malloc``).
+    release_each_step: bool = False
 
     def __post_init__(self):
         self.iterations = list(self.iterations)  # the run's counts are not touched until the level is done
@@ -166,6 +169,8 @@ class Level:
         for i, row in enumerate(rows):
             if i not in self.frozen:
                 self._record_one(i, row, now, step_taken)
+        if self.release_each_step:
+            release_freed_memory()
 
     def _record_one(self, i: int, row: list[float], now: float, step_taken: bool) -> None:
         s, report = self.settings, self.report
@@ -547,7 +552,8 @@ class Engine:
                                       tiles=tiles, valid=valid)
                 if self.device.type == "cpu":  # the levels before and the target passes leave free pages behind
                     release_freed_memory()
-                level = new_level(x=start.clone().requires_grad_(True), objective=objective)
+                level = new_level(x=start.clone().requires_grad_(True), objective=objective,
+                                  release_each_step=self.device.type == "cpu" and h * w >= RELEASE_EACH_STEP_PIXELS)
                 level.run(plan.history, plan.history_dtype)
                 return level, plan
             except torch.OutOfMemoryError:
