@@ -188,6 +188,16 @@ def stop_runs() -> None:
         stop.set()
 
 
+def _stop_event(dask) -> threading.Event | None:
+    """The run's stop event, known to ``stop_runs``; None on Dask, where the cluster cancels its
+    own tasks (an event is seen by this process's threads only)."""
+    if dask is not None:
+        return None
+    stop = threading.Event()
+    _RUNNING.add(stop)
+    return stop
+
+
 def stop_storage(storage: Storage, stop: threading.Event | None) -> Storage:
     """``storage``, refusing to send any request (first tries and botocore retries) once ``stop``
     is set; with ``stop=None`` (on Dask, where the cluster cancels its tasks) unchanged."""
@@ -326,10 +336,7 @@ def stylize_catalog(
     slots = _device_slots(devices, workers, dask)
     slot_count = len(slots) if slots else cluster_gpus(dask)
     in_flight = max_in_flight or max(16, 4 * slot_count)
-    # Threads of this process see the event; on Dask the cluster cancels its own tasks.
-    stop = threading.Event() if dask is None else None
-    if stop is not None:
-        _RUNNING.add(stop)
+    stop = _stop_event(dask)
     doc = load(manifest, allow_local)
     storage = stop_storage(storage_for(doc), stop)
     probe_output(storage, output_root(output or doc.output))

@@ -19,16 +19,20 @@ ROOT = Path(__file__).parent.parent
 SCRIPT = """
 import sys, threading, time
 from stylize.app.interrupts import bounded_interrupts
+
+def say(line):  # one write per line: print() writes the text and its newline apart, and two threads print
+    sys.stdout.write(line + "\\n")
+    sys.stdout.flush()
+
 hung = threading.Thread(target=time.sleep, args=(120,))
-with bounded_interrupts(deadline={deadline}, at_once=[lambda: print("at once", flush=True)],
-                       last_rites=[lambda: print("last rites", flush=True)]):
+with bounded_interrupts(deadline={deadline}, at_once=[lambda: say("at once")], last_rites=[lambda: say("last rites")]):
     hung.start()
     try:
-        print("ready", flush=True)
+        say("ready")
         time.sleep({wait})
     except KeyboardInterrupt as exc:
-        print("unwound", type(exc).__name__, flush=True)
-print("left the block", flush=True)
+        say("unwound " + type(exc).__name__)
+say("left the block")
 """
 
 

@@ -44,8 +44,9 @@ def files(folder: Path) -> dict[str, bytes]:
 
 def test_local_cluster_gives_the_default_runners_outputs(catalog, tmp_path):
     # Each CPU worker of a local cluster gets an equal share of the cores. With the same
-    # number of threads here, float32 reductions run in the same order and the losses
-    # agree to the last bit; with another, they differ in the last bits. One image per VGG
+    # number of threads here, float32 reductions mostly run in the same order: the images agree
+    # to the byte, the losses to rounding (after other tests in this process, not always to the
+    # last bit). One image per VGG
     # pass on both: a padded batch agrees with solo runs only within tolerance
     # (tests/flows/test_batches.py), and this test is about where jobs run.
     threads = torch.get_num_threads()
@@ -67,7 +68,9 @@ def test_local_cluster_gives_the_default_runners_outputs(catalog, tmp_path):
     for name in ("cat__starry_night.json", "astronaut__starry_night.json"):
         a, b = json.loads(expected[name]), json.loads(got[name])
         del a["losses"]["seconds"], b["losses"]["seconds"]
-        assert (a["key"], a["losses"], a["device"]) == (b["key"], b["losses"], b["device"])
+        assert (a["key"], a["device"], a["losses"]["iteration"]) == (b["key"], b["device"], b["losses"]["iteration"])
+        for part in ("total", "content", "style", "tv"):  # the last bits may differ (thread count, blocking)
+            assert a["losses"][part] == pytest.approx(b["losses"][part], rel=1e-4), part
 
 
 class TaskCount(WorkerPlugin):
