@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 import io
+import os
 import uuid
+
+# Before torch loads (here and in every child process the tests start): OpenMP threads that spin
+# while they wait take the core from the thread doing the work whenever anything else runs (a
+# child run, the Prefect server, a loaded host). On 2 cores with load 4, a 64-channel 32 px
+# convolution took 32 ms spinning and 0.6 ms sleeping; tests/test_precision.py and
+# test_schedule.py took 259 s and 13 s.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import boto3
 import pytest
