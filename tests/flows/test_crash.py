@@ -124,14 +124,26 @@ def check_s3(client, bucket: str) -> int:
 
 
 def kill_during_next_job(process, out: Path, after: int, rng: random.Random) -> None:
-    """SIGKILL ``process`` a seeded random fraction of a job's time after job number ``after`` finished.
+    """SIGKILL ``process`` a seeded random fraction of a job's time after the ``after``-th job this
+    run completes.
 
-    The job before it is timed (from the previous metadata file to this one) so the kill lands
+    The job before it is timed (from the previous completed metadata to this one) so the kill lands
     inside the next job on a fast machine and a slow one alike: in its optimization, in a
-    write, or between its image and its metadata.
+    write, or between its image and its metadata. Only this run's completed jobs count: the
+    files an earlier run left (complete, or pending where it was killed) would otherwise let the
+    timed span include this process's start-up, and the kill come after the catalog's end.
     """
+    began = time.time()
+
     def finished() -> int:
-        return len(list(out.glob("*.json")))
+        count = 0
+        for path in out.glob("*.json"):
+            try:
+                if path.stat().st_mtime >= began and not json.loads(path.read_text()).get("pending"):
+                    count += 1
+            except (OSError, ValueError):  # replaced while read: counted on the next look
+                pass
+        return count
 
     wait_until(lambda: finished() >= after - 1, 240, f"{after - 1} finished jobs", process)
     started = time.monotonic()
@@ -156,16 +168,22 @@ def finish_run(manifest: Path, env: dict, log: Path) -> None:
 def test_sigkill_at_random_points_loses_nothing_local(tmp_path):
     rng = random.Random(SEED)
     out = tmp_path / "out"
-    manifest = catalog(tmp_path, "out")
+    # Jobs of a few tenths of a second: at 3 iterations a 32 px job takes tens of milliseconds, and
+    # a batch of them could end between two looks at the folder, before the kill.
+    manifest = catalog(tmp_path, "out", settings=dict(SETTINGS, iterations=60))
     env = cli_env(tmp_path / "prefect")
     done = 0
     for attempt in range(2):
         # Two or three more jobs (the first of a run includes the process's start-up, so it is not
         # timed), then a kill at a random moment of the next one.
-        process = start_run(manifest, env, log=tmp_path / f"run{attempt}.log")
-        # At most JOBS - 3: at least two whole jobs of margin after the targeted one, so a
-        # machine whose load drops mid-run still cannot finish the catalog before the kill.
-        kill_during_next_job(process, out, min(done + rng.randint(2, 3), JOBS - 3), rng)
+        # One image per VGG pass, so that jobs end one by one and the span timed is one job's.
+        process = start_run(manifest, env, "--images-per-batch", "1", log=tmp_path / f"run{attempt}.log")
+        # At most JOBS - 3 in all: at least two whole jobs of margin after the targeted one, so a
+        # machine whose load drops mid-run still cannot finish the catalog before the kill; and
+        # at least 2 in this run, as the first includes the process's start-up.
+        after = min(rng.randint(2, 3), JOBS - 3 - done)
+        assert after >= 2, f"{done} jobs done after the first kill: no room left for a second"
+        kill_during_next_job(process, out, after, rng)
         done = check_local(out)
         assert done < JOBS, "the run finished before it was killed; the kill tested nothing"
 
