@@ -31,7 +31,7 @@ from stylize.catalog.storage import Storage, child, is_s3, local_path, split_s3
 from stylize.catalog.thumbnails import output_thumb
 from stylize.errors import NotFoundError, OverwriteError
 
-__all__ = ["claim", "init_uri", "refuse_inputs", "job_inputs", "resolved", "snapshot_uri", "snapshot_uris"]
+__all__ = ["claim", "init_uri", "job_inputs", "refuse_inputs", "resolved", "snapshot_uri", "snapshot_uris"]
 
 
 def init_uri(job: Job) -> str | None:

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import platform
 import threading
@@ -97,7 +98,7 @@ def _tune() -> str:
     reason = user_tunes_malloc()
     if reason:
         return reason
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    libc = _libc()
     libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     if not libc.mallopt(M_TRIM_THRESHOLD, LARGEST):
         return "mallopt(M_TRIM_THRESHOLD) failed"
@@ -115,6 +116,13 @@ def release_freed_memory() -> bool:
     """
     if _state != "tuned":
         return False
+    return bool(_libc().malloc_trim(0))
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    """The C library, found once (``find_library`` searches the system each time; a print's levels
+    call ``release_freed_memory`` after every evaluation)."""
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
     libc.malloc_trim.argtypes = [ctypes.c_size_t]
-    return bool(libc.malloc_trim(0))
+    return libc
