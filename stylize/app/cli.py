@@ -159,7 +159,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    """stylize plan MANIFEST: the jobs a run would do, which it would skip, and how long it may take."""
+    """Print each job a run would do ('run') or skip because its output is complete with the same inputs
+    and settings ('skip'), then estimate the run's engine time from the seconds earlier jobs under the
+    same output recorded (per megapixel-iteration, per device kind)."""
     from stylize.catalog import metadata
     from stylize.catalog.estimate import Estimate
     from stylize.catalog.storage import output_root
@@ -291,10 +293,7 @@ def _register_catalog_commands(sub) -> None:
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("plan", help="list the jobs a run would do and skip, and estimate its time",
-                       description="Print each job a run would do ('run') or skip because its output is "
-                                   "complete with the same inputs and settings ('skip'), then estimate the "
-                                   "run's engine time from the seconds earlier jobs under the same output "
-                                   "recorded (per megapixel-iteration, per device kind).")
+                       description=cmd_plan.__doc__)
     p.add_argument("manifest", help="path or s3:// URI of a YAML manifest")
     p.add_argument("--output", help="output root instead of the manifest's")
     p.add_argument("--shard", metavar="I/N", help="only the I-th of N disjoint parts")
@@ -450,7 +449,9 @@ def _register_serve_command(sub) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    """stylize report OUTPUT [--run ID] [-o FILE]: rebuild a report from metadata files."""
+    """Build an HTML report (totals, failures, slowest jobs, thumbnails and loss curves) from the metadata
+    files under OUTPUT alone: of one run with --run, else of every job and run recorded there. Unreadable
+    metadata files are skipped and counted. `stylize run` writes OUTPUT/_runs/<run-id>.html itself."""
     from stylize.app.view import printable
     from stylize.catalog.report import build_catalog_report, build_run_report
     from stylize.catalog.storage import Storage, output_root
@@ -472,10 +473,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def _register_report_command(sub) -> None:
     p = sub.add_parser("report", help="rebuild the HTML report of a run, or of a whole output",
-                       description="Build an HTML report (totals, failures, slowest jobs, thumbnails and loss "
-                                   "curves) from the metadata files under OUTPUT alone: of one run with --run, "
-                                   "else of every job and run recorded there. Unreadable metadata files are "
-                                   "skipped and counted. `stylize run` writes OUTPUT/_runs/<run-id>.html itself.")
+                       description=cmd_report.__doc__)
     p.add_argument("output", help="output root: a folder or s3://bucket/prefix")
     p.add_argument("--run", metavar="ID", help="only this run (its flow run id, as in OUTPUT/_runs/ID.json)")
     p.add_argument("-o", metavar="FILE", help="where to write the first page (default OUTPUT/_runs/ID.html, "
