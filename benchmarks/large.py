@@ -17,10 +17,10 @@ Parts, in one run:
 2. 2048 and 4096 px with ``--max-memory 6GiB``: the plan the engine chose (tile, history), peak RSS
    against the budget (target: within +10%), seconds per iteration and per megapixel-iteration against
    the whole-image 1024 px row (target: at most 2x). 4096 px runs ``--top-iterations`` (1) step.
-3. The default print schedule to 2048 px (levels 512, 1024, 2048, fewer iterations at the top; 6GiB)
-   against a default 512 px run, both with ``--schedule-iterations``; then the 2048 px output, downscaled
-   to 512, judged against the 512 px output (``Engine.judge``: content and style losses, target: within
-   15% of each other).
+3. A 2048 px print with the default settings (levels 256, 512, 1024, 2048, fewer iterations at the top,
+   precision auto, ``--max-memory`` 6GiB) against a default 512 px run, its preview; then the print,
+   downscaled to 512, judged against the preview (``Engine.judge``: content and style losses, target:
+   within 15% of each other). ``--schedule-iterations N`` shortens both runs.
 
 Every row prints the 1-minute load average: the machine is shared, and a load above 2 means the times
 are pessimistic.
@@ -193,10 +193,10 @@ def part_budget(args, whole: dict, size: int, iterations: int) -> None:
 def part_schedule(args, workdir: Path) -> None:
     n = args.schedule_iterations
     top = args.print_size
-    say(f"\n== 3. print schedule to {top} px against a {top // 4} px run ({n} iterations, --max-memory "
-        f"{args.budget}, default levels and early stopping)")
+    say(f"\n== 3. print schedule to {top} px against a {top // 4} px run ({n or 'default'} iterations, "
+        f"--max-memory {args.budget}, otherwise the defaults)")
     paths = {"print": str(workdir / "print.png"), "preview": str(workdir / "preview.png")}
-    base = dict(iterations=n, precision="float32", max_memory=args.budget)
+    base = dict(max_memory=args.budget) | ({} if n is None else dict(iterations=n))
     # --quick scales the schedule's 512/1024 px thresholds with the sizes, so the print schedule still runs.
     scaled = {"print_base": top // 4} if args.quick else {}
     preview = run_child("run", {"content": str(CONTENT), "style": str(STYLE), "output": paths["preview"],
@@ -230,7 +230,7 @@ def main() -> None:
     parser.add_argument("--parts", default="123", help="which parts to run, e.g. 13")
     parser.add_argument("--iterations", type=int, default=4)
     parser.add_argument("--top-iterations", type=int, default=1, help="L-BFGS steps at 4096 px")
-    parser.add_argument("--schedule-iterations", type=int, default=20)
+    parser.add_argument("--schedule-iterations", type=int, help="part 3's iterations (default: the default)")
     parser.add_argument("--budget", default="6GiB")
     parser.add_argument("--sizes", default="512,2048,4096", help="part 2's sizes, e.g. 4096")
     parser.add_argument("--keep", metavar="DIR", help="keep part 3's print.png and preview.png in DIR")
@@ -240,6 +240,7 @@ def main() -> None:
         sizes = [s for s in sizes if s != 4096]
     if args.quick:
         args.budget = "1.2GiB"
+        args.schedule_iterations = args.schedule_iterations or 20
     load = os.getloadavg()[0]
     say(f"benchmarks/large.py on {os.cpu_count()} CPUs, load {load:.1f}, {time.strftime('%Y-%m-%d %H:%M')}"
         + (" (the CPUs are shared: times are pessimistic)" if load > (os.cpu_count() or 1) else ""))

@@ -14,7 +14,11 @@ The estimate adds what a level holds at its peak:
 * the L-BFGS history: two vectors per remembered step, 2 x 50 x 3 floats =
   1.2 kB per pixel at the default 50 (200 MB per vector at 4096 x 4096);
 * one VGG pass with its backward: over the whole image, or over one tile's
-  core plus halo (``stylize.engine.tiled``; tiles run one after another).
+  core plus halo (``stylize.engine.tiled``; tiles run one after another);
+* on a print's levels above its preview, the preview's terms on the image
+  shrunk to the preview's size (``objective.Anchor``): a whole pass at that
+  size, its content targets, and one more image-sized vector (the gradient
+  of the shrinking).
 
 Per-pixel costs of the pass were measured on this project's CPU in float32
 with ``/usr/bin/time``-style peak RSS (see ``benchmarks/large.py``): the fused
@@ -65,12 +69,14 @@ class MemoryPlan:
     estimate: int  # bytes at the peak
     budget: int | None  # bytes; None when unknown (no limit applied)
     history_dtype: torch.dtype = torch.float32  # bfloat16 when float32 pairs of this length do not fit
+    anchor: tuple[int, int] | None = None  # (w, h) of the preview this level also matches (objective.Anchor)
 
     def describe(self) -> dict:
         """For metadata: what was used and why."""
         return {"tile": self.tile, "halo": self.halo if self.tile else 0, "history": self.history,
                 "history_dtype": str(self.history_dtype).replace("torch.", ""),
-                "estimate_bytes": self.estimate, "budget_bytes": self.budget}
+                "estimate_bytes": self.estimate, "budget_bytes": self.budget,
+                "anchor": None if self.anchor is None else list(self.anchor)}
 
 
 def weight_bytes(settings: Settings, dtype: torch.dtype) -> int:
@@ -95,10 +101,15 @@ def device_budget(device: torch.device) -> int | None:
 
 def estimate(height: int, width: int, batch: int, channels: int, settings: Settings, dtype: torch.dtype,
              device: torch.device, tile: int | None, history: int,
-             history_dtype: torch.dtype = torch.float32) -> int:
-    """Peak bytes of one level of ``batch`` images of ``height`` x ``width`` (see the module docstring)."""
+             history_dtype: torch.dtype = torch.float32, anchor_pixels: int = 0) -> int:
+    """Peak bytes of one level of ``batch`` images of ``height`` x ``width`` (see the module docstring);
+    ``anchor_pixels``: the preview's pixels (all images) when the level also matches its preview."""
     pixels = height * width * batch
     content = sum(_channels(n) * 4 / layer_geometry(n)[1] ** 2 for n in settings.content_layers)  # targets
+    anchor = 0
+    if anchor_pixels:
+        anchor = ((WHOLE_PASS_BYTES.get(dtype, WHOLE_PASS_BYTES[torch.float32]) + content) * anchor_pixels
+                  + channels * 4 * pixels)
     pair = 2 * channels * history_dtype.itemsize  # one (s, y) pair per pixel
     per_pixel = IMAGE_VECTORS * channels * 4 + content + history * pair
     if tile is None:
@@ -108,7 +119,7 @@ def estimate(height: int, width: int, batch: int, channels: int, settings: Setti
         outer = (min(height, tile + 2 * halo) * min(width, tile + 2 * halo)) * batch
         pass_bytes = TILE_PASS_BYTES.get(dtype, TILE_PASS_BYTES[torch.float32]) * outer
     fixed = weight_bytes(settings, dtype) + (CPU_RUNTIME_BYTES if device.type == "cpu" else 0)
-    return int(fixed + per_pixel * pixels + pass_bytes)
+    return int(fixed + per_pixel * pixels + pass_bytes + anchor)
 
 
 def _channels(layer: str) -> int:
@@ -117,7 +128,7 @@ def _channels(layer: str) -> int:
 
 
 def plan_memory(height: int, width: int, batch: int, channels: int, settings: Settings, dtype: torch.dtype,
-                device: torch.device) -> MemoryPlan:
+                device: torch.device, anchor_pixels: int = 0) -> MemoryPlan:
     """The whole image with the longest history that fits, else tiles; ResourceError when nothing fits.
 
     ``settings.tile`` forces tiles of that core; ``settings.max_memory``
@@ -137,14 +148,15 @@ def plan_memory(height: int, width: int, batch: int, channels: int, settings: Se
     for core in cores:
         for history in HISTORIES:
             for kind in HISTORY_DTYPES:
-                need = estimate(height, width, batch, channels, settings, dtype, device, core, history, kind)
+                need = estimate(height, width, batch, channels, settings, dtype, device, core, history, kind,
+                                anchor_pixels)
                 if budget is None or need <= budget:
                     return MemoryPlan(core, halo, history, need, budget, kind)
             if core is None and history == HISTORIES[1]:
                 break  # the whole image only with a useful history; otherwise tiles
     smallest = cores[-1]
     need = estimate(height, width, batch, channels, settings, dtype, device, smallest, HISTORIES[-1],
-                    HISTORY_DTYPES[-1])
+                    HISTORY_DTYPES[-1], anchor_pixels)
     field = "max_memory" if settings.max_memory is not None else "max_memory (unset: the device's free memory)"
     what = f"a {smallest} px tile" if smallest else "the whole image"
     raise ResourceError(

@@ -62,7 +62,19 @@ class Layout:
         w, h = self.padded(k)
         return torch.cat([F.pad(p, (0, w - p.shape[-1], 0, h - p.shape[-2])) for p in parts])  # (b, c, H, W)
 
+    def shrink(self, x: Tensor, k: int, j: int) -> Tensor:
+        """The level-``k`` batch ``x`` resized to level ``j`` (each image to its own size there; differentiable)."""
+        if not self.mixed:
+            return shrink_to(x, self.sizes[0][j])
+        return self.pad([shrink_to(self.crop(x, i, k), self.sizes[i][j]) for i in range(len(self.sizes))], j)
+
     def crop(self, x: Tensor, i: int, k: int) -> Tensor:
         """Image ``i`` of the level-``k`` batch ``x`` (b, c, H, W), at its own size: (1, c, h_i, w_i)."""
         w, h = self.sizes[i][k]
         return x[i:i + 1, :, :h, :w]
+
+
+def shrink_to(x: Tensor, size: tuple[int, int]) -> Tensor:
+    """(b, c, h, w) -> (b, c, size[1], size[0]) with an antialiased bicubic filter (close to the Lanczos
+    filter ``images.resize`` shrinks photos with); differentiable."""
+    return F.interpolate(x, size=(size[1], size[0]), mode="bicubic", align_corners=False, antialias=True)

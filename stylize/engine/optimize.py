@@ -38,8 +38,8 @@ from stylize.engine.layout import Layout
 from stylize.engine.lbfgs import BatchedLBFGS
 from stylize.engine.losses import Valid, gram
 from stylize.engine.malloc import RELEASE_EACH_STEP_PIXELS, release_freed_memory, retain_freed_memory
-from stylize.engine.objective import Objective, run_features
-from stylize.engine.schedule import converged, level_iterations, level_sizes, print_scales
+from stylize.engine.objective import Anchor, Objective, run_features
+from stylize.engine.schedule import anchor_level, converged, level_iterations, level_sizes, print_scales
 from stylize.engine.settings import Settings
 from stylize.engine.tiled import TilePlan, plan_tiles, tiled_features, tiled_grams
 from stylize.errors import Cancelled, ConfigError, InputError, OptimizationError
@@ -440,8 +440,8 @@ class Engine:
         layout = self._check_sizes(contents, inits, s)
         # Whole image or tiles, and the history length, per level; refuses a budget that cannot work
         # before any work is done.
-        plans = [plan_memory(h, w, len(contents), 1 if s.preserve_color else 3, s, self.dtype(s), self.device)
-                 for w, h in map(layout.padded, range(layout.levels))]
+        preview = anchor_level([max(layout.padded(k)) for k in range(layout.levels)], s)
+        plans = [self._plan(layout, k, preview, s) for k in range(layout.levels)]
         if layout.mixed and any(plan.tile is not None for plan in plans):
             log.info("a batch of %d images of mixed shapes needs tiles: running them one by one", len(contents))
             return self._one_by_one(contents, targets, s, inits, report)
@@ -455,12 +455,24 @@ class Engine:
             new_level = functools.partial(
                 Level, index=k + 1, settings=s, report=report, iterations=batch.iterations,
                 to_rgb=lambda i, xs, c=c, k=k: self._to_rgb(layout.crop(xs, i, k), layout.crop(c, i, k), s))
+            anchor = None if preview is None or k <= preview else self._anchor(contents, targets, layout, preview,
+                                                                              k, plans[preview], s)
             level, plans[k] = self._run_level(x.detach(), s, c_target, style_grams, plans[k], layout.valid(k),
-                                              new_level)
+                                              new_level, anchor)
             batch.add(level)
             x = level.result()
             log.debug("level %d (%dx%d padded) done at iterations %s", k + 1, *layout.padded(k), batch.iterations)
         return self._results(self._to_rgb(x, c, s), layout, plans, batch, report, s)
+
+    def _plan(self, layout: Layout, k: int, preview: int | None, s: Settings) -> MemoryPlan:
+        """Level ``k``'s memory plan; above a print's ``preview`` level it also holds the preview's terms."""
+        w, h = layout.padded(k)
+        channels, batch = 1 if s.preserve_color else 3, len(layout.sizes)
+        if preview is None or k <= preview:
+            return plan_memory(h, w, batch, channels, s, self.dtype(s), self.device)
+        pw, ph = layout.padded(preview)
+        plan = plan_memory(h, w, batch, channels, s, self.dtype(s), self.device, anchor_pixels=pw * ph * batch)
+        return dataclasses.replace(plan, anchor=(pw, ph))
 
     def _one_by_one(self, contents: Sequence[Image.Image], targets: StyleTargets, s: Settings,
                     inits: list[Image.Image | None], report: Reporting) -> list[Result]:
@@ -526,10 +538,36 @@ class Engine:
             return None
         return plan_tiles(height, width, plan.tile, s.content_layers + s.style_layers, field="tile")
 
+    def _anchor(self, contents: Sequence[Image.Image], targets: StyleTargets, layout: Layout, preview: int, k: int,
+                plan: MemoryPlan, s: Settings) -> Anchor:
+        """For level ``k`` of a print: the content and style terms of its preview's top level ``preview``, on
+        the level's image resized to that level (``objective.Anchor``)."""
+        _c, c_target, grams = self._level_targets(contents, targets, layout, preview, s)
+        w, h = layout.padded(preview)
+        tiles = None if plan.tile is None else plan_tiles(h, w, plan.tile, s.content_layers + s.style_layers,
+                                                          field="tile")
+        objective = self._objective(c_target, grams, tiles, layout.valid(preview), s)
+        return Anchor(objective, functools.partial(layout.shrink, k=k, j=preview))
+
+    def _objective(self, c_target: Tensor, style_grams: dict[str, Tensor], tiles: TilePlan | None,
+                   valid: Valid | None, s: Settings, anchor: Anchor | None = None) -> Objective:
+        """The objective of a level whose content targets come from ``c_target``."""
+        model, dtype = self.features(s), self.dtype(s)
+        with torch.no_grad():
+            if tiles is None:
+                content_feats = run_features(model, c_target.expand(-1, 3, -1, -1), s.content_layers,
+                                             dtype, self.channels_last, valid)
+            else:
+                content_feats = tiled_features(model, c_target, s.content_layers, tiles, self.channels_last)
+        return Objective(model, s, content_feats, style_grams, dtype, self.channels_last, self.fused,
+                         tiles=tiles, valid=valid, anchor=anchor)
+
     def _run_level(self, start: Tensor, s: Settings, c_target: Tensor, style_grams: dict[str, Tensor],
-                   plan: MemoryPlan, valid: Valid | None, new_level: Callable[..., Level]) -> tuple[Level, MemoryPlan]:
+                   plan: MemoryPlan, valid: Valid | None, new_level: Callable[..., Level],
+                   anchor: Anchor | None = None) -> tuple[Level, MemoryPlan]:
         """Optimize one level from ``start``, tiled when ``plan`` says so; returns the finished level and
-        the plan it used. ``valid``: where each image is in a padded batch of mixed shapes.
+        the plan it used. ``valid``: where each image is in a padded batch of mixed shapes; ``anchor``:
+        a print's top level also matches its preview (``objective.Anchor``).
 
         On CUDA out-of-memory the level starts again with smaller tiles (its
         records so far are dropped), down to the smallest core; then, or at once
@@ -537,19 +575,11 @@ class Engine:
         caller. The output is never shrunk here.
         """
         h, w = start.shape[-2:]
-        model, dtype = self.features(s), self.dtype(s)
         while True:
             tiles = None if plan.tile is None else plan_tiles(h, w, plan.tile, s.content_layers + s.style_layers,
                                                               field="tile")
             try:
-                with torch.no_grad():
-                    if tiles is None:
-                        content_feats = run_features(model, c_target.expand(-1, 3, -1, -1), s.content_layers,
-                                                     dtype, self.channels_last, valid)
-                    else:
-                        content_feats = tiled_features(model, c_target, s.content_layers, tiles, self.channels_last)
-                objective = Objective(model, s, content_feats, style_grams, dtype, self.channels_last, self.fused,
-                                      tiles=tiles, valid=valid)
+                objective = self._objective(c_target, style_grams, tiles, valid, s, anchor)
                 if self.device.type == "cpu":  # the levels before and the target passes leave free pages behind
                     release_freed_memory()
                 level = new_level(x=start.clone().requires_grad_(True), objective=objective,
@@ -613,3 +643,4 @@ def _resize_tensor(x: Tensor, hw: tuple[int, int]) -> Tensor:
         return x
     # Antialias when shrinking; bicubic when growing keeps coarse-level strokes crisp.
     return F.interpolate(x, size=hw, mode="bicubic", align_corners=False, antialias=True)
+

@@ -49,6 +49,18 @@ def level_iterations(longest: int, settings: Settings) -> int:
     return max(min(PRINT_MIN_ITERATIONS, settings.iterations), round(settings.iterations * (PRINT_BASE / longest) ** 2))
 
 
+def anchor_level(longest_sides: list[int], settings: Settings) -> int | None:
+    """In a print, the index of its preview's top level (the last of longest side PRINT_BASE or less); the
+    levels above it also match the preview's objective on their image shrunk to that level's size (see
+    ``objective.Anchor``). None when the run is not a print or has no level above PRINT_BASE."""
+    if settings.size <= PRINT_FROM or settings.iterations == 0:
+        return None
+    below = [k for k, n in enumerate(longest_sides) if n <= PRINT_BASE]
+    if not below or below[-1] == len(longest_sides) - 1:
+        return None
+    return below[-1]
+
+
 def level_sizes(width: int, height: int, settings: Settings) -> list[tuple[int, int]]:
     """(w, h) for each coarse-to-fine level; each level is half the next, the last is ``size``."""
     sizes = []
