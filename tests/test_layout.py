@@ -125,3 +125,16 @@ def test_an_unusable_photo_in_a_mixed_batch_is_named(engine, photos, starry):
     tiny = photos[0].resize((40, 12))
     with pytest.raises(InputError, match="40x12 px"):
         engine.run_batch([photos[1], tiny], [starry], small())
+
+
+def test_a_mixed_batch_of_prints_gives_each_image_its_print_alone(engine, photos, starry, monkeypatch):
+    """The print schedule scaled down (previews of 64 px, prints above 128 px): each image's levels above its
+    preview match that preview's terms on the image shrunk to its own size there, not to the padded batch's."""
+    from stylize.engine import schedule
+
+    monkeypatch.setattr(schedule, "PRINT_BASE", 64)
+    monkeypatch.setattr(schedule, "PRINT_FROM", 128)
+    s = small(size=256, iterations=4, scales=1)
+    batch = engine.run_batch(photos[:2], [starry], s)
+    assert [lv["anchor"] for lv in batch[0].memory] == [None, [64, 64], [64, 64]]  # the padded previews
+    assert_as_alone(engine, photos[:2], starry, s, batch)
