@@ -38,10 +38,24 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-CONTENT = ROOT / "tests" / "data" / "chelsea.png"
-STYLE = ROOT / "tests" / "data" / "starry_night.jpg"
-#: Part 2's content: square (512x512), so the 4096 px row is 4096x4096, the issue's target.
+#: The photo and the painting: ../shared/data's when present (chelsea 451x300, The Starry Night 1024x640),
+#: else the demo's (the same photo, the painting at 512x320); --quick uses tests/data's 128 px copies.
+SHARED = ROOT.parent / "shared" / "data"
+#: Part 2's content: square, so the 4096 px row is 4096x4096, the issue's target (its content does not
+#: change memory or time).
 SQUARE = ROOT / "tests" / "data" / "astronaut.png"
+
+
+def inputs(data: Path | None, quick: bool) -> tuple[Path, Path]:
+    """(photo, painting) for parts 1 and 3."""
+    if quick:
+        return ROOT / "tests" / "data" / "chelsea.png", ROOT / "tests" / "data" / "starry_night.jpg"
+    if data is None:
+        data = SHARED if SHARED.is_dir() else None
+    if data is None:
+        demo = ROOT / "manifests" / "demo"
+        return demo / "content" / "chelsea.jpg", demo / "styles" / "starry_night.jpg"
+    return data / "content" / "chelsea.png", data / "styles" / "starry_night.jpg"
 
 
 def child_run(spec: dict) -> dict:
@@ -157,15 +171,15 @@ def describe(row: dict) -> str:
 def part_tiling(args) -> dict:
     size, tile = args.base, args.base // 2
     say(f"\n== 1. {size} px: whole image against --tile {tile} ({args.iterations} iterations, float32)")
-    whole = run_child("run", {"content": str(CONTENT), "style": str(STYLE), "settings": settings(size, args.iterations)})
-    tiled = run_child("run", {"content": str(CONTENT), "style": str(STYLE),
+    whole = run_child("run", {"content": str(args.content), "style": str(args.style), "settings": settings(size, args.iterations)})
+    tiled = run_child("run", {"content": str(args.content), "style": str(args.style),
                               "settings": settings(size, args.iterations, tile=tile)})
     for name, row in (("whole image", whole), (f"tile {tile}", tiled)):
         say(f"  {name:<12} {row['per_iteration']:7.2f} s/iteration   peak RSS {row['peak_rss_mib']:7.0f} MiB   "
             f"[{describe(row)}; load {row['load']:.1f}]")
     ratio = tiled["per_iteration"] / whole["per_iteration"]
     say(f"  tiled / whole: {ratio:.2f}x time per iteration (target <= 2x: {'met' if ratio <= 2 else 'NOT met'})")
-    parts = run_child("breakdown", {"content": str(CONTENT), "style": str(STYLE), "size": size, "tile": tile,
+    parts = run_child("breakdown", {"content": str(args.content), "style": str(args.style), "size": size, "tile": tile,
                                     "repeats": 2})
     shown = ", ".join(f"{k} {v:.1f} s ({v / parts['total']:.0%})" for k, v in parts["parts"].items())
     say(f"  one tiled evaluation: {parts['total']:.1f} s = {shown}; {parts['tiles']} tiles, "
@@ -174,7 +188,7 @@ def part_tiling(args) -> dict:
 
 
 def part_budget(args, whole: dict, size: int, iterations: int) -> None:
-    row = run_child("run", {"content": str(SQUARE), "style": str(STYLE),
+    row = run_child("run", {"content": str(SQUARE), "style": str(args.style),
                             "settings": settings(size, iterations, max_memory=args.budget)})
     w, h = row["sizes"][-1]
     bw, bh = whole["sizes"][-1]
@@ -199,9 +213,9 @@ def part_schedule(args, workdir: Path) -> None:
     base = dict(max_memory=args.budget) | ({} if n is None else dict(iterations=n))
     # --quick scales the schedule's 512/1024 px thresholds with the sizes, so the print schedule still runs.
     scaled = {"print_base": top // 4} if args.quick else {}
-    preview = run_child("run", {"content": str(CONTENT), "style": str(STYLE), "output": paths["preview"],
+    preview = run_child("run", {"content": str(args.content), "style": str(args.style), "output": paths["preview"],
                                 "settings": dict(base, size=top // 4), **scaled})
-    printed = run_child("run", {"content": str(CONTENT), "style": str(STYLE), "output": paths["print"],
+    printed = run_child("run", {"content": str(args.content), "style": str(args.style), "output": paths["print"],
                                 "settings": dict(base, size=top), **scaled})
     for name, row in (("preview", preview), ("print", printed)):
         levels = ", ".join(f"{max(lv['size'])}" + (f" tile {lv['tile']}" if lv["tile"] else "")
@@ -210,7 +224,7 @@ def part_schedule(args, workdir: Path) -> None:
         say(f"  {name:<8} {row['seconds']:7.0f} s   levels {levels}   peak RSS {row['peak_rss_mib']:.0f} MiB "
             f"[load {row['load']:.1f}]")
     say(f"  print / preview time: {printed['seconds'] / preview['seconds']:.1f}x")
-    judged = run_child("judge", {"content": str(CONTENT), "style": str(STYLE), "images": paths, "size": top // 4})
+    judged = run_child("judge", {"content": str(args.content), "style": str(args.style), "images": paths, "size": top // 4})
     for loss in ("content", "style"):
         a, b = judged["print"][loss], judged["preview"][loss]
         diff = abs(a - b) / max(a, b)
@@ -234,7 +248,10 @@ def main() -> None:
     parser.add_argument("--budget", default="6GiB")
     parser.add_argument("--sizes", default="512,2048,4096", help="part 2's sizes, e.g. 4096")
     parser.add_argument("--keep", metavar="DIR", help="keep part 3's print.png and preview.png in DIR")
+    parser.add_argument("--data", type=Path, help="a folder with content/chelsea.png and styles/starry_night.jpg "
+                        "(default: ../shared/data, else the demo's images)")
     args = parser.parse_args()
+    args.content, args.style = inputs(args.data, args.quick)
     args.base, args.print_size, sizes = (256, 512, [512]) if args.quick else (1024, 2048, [2048, 4096])
     if args.skip_4096:
         sizes = [s for s in sizes if s != 4096]
@@ -246,7 +263,7 @@ def main() -> None:
         + (" (the CPUs are shared: times are pessimistic)" if load > (os.cpu_count() or 1) else ""))
     whole = part_tiling(args) if "1" in args.parts else None
     if whole is None and "2" in args.parts:  # part 2's reference row
-        whole = run_child("run", {"content": str(CONTENT), "style": str(STYLE),
+        whole = run_child("run", {"content": str(args.content), "style": str(args.style),
                                   "settings": settings(args.base, args.iterations)})
     if "3" in args.parts:
         with tempfile.TemporaryDirectory() as tmp:

@@ -242,3 +242,20 @@ def test_budget_below_one_tile_is_refused_before_any_work(update, field):
         Engine("cpu").run(content, [content], s, callback=calls.append)
     assert calls == []
     assert "raise max_memory" in str(err.value)
+
+
+def test_the_last_tile_of_the_gram_pass_is_not_run_again(monkeypatch):
+    """With N tiles an evaluation runs 2N - 1 forward passes: pass 2 starts with the tile pass 1 ended on,
+    whose graph it kept; the gradient is still the untiled one (test_tiled_equals_untiled)."""
+    s = Settings(size=240, precision="float32")
+    x, content, style = sample(208, 240)
+    engine = Engine("cpu")
+    model = engine.features(s)
+    plan = plan_tiles(208, 240, 96, s.content_layers + s.style_layers)
+    spec = Objective(model, s, tiled_features(model, content, s.content_layers, plan, True),
+                     blended_grams(model, [style], s), torch.float32, True).spec
+    calls = []
+    forward = type(model).forward
+    monkeypatch.setattr(type(model), "forward", lambda self, *a, **k: calls.append(1) or forward(self, *a, **k))
+    tiled_feature_losses(x.clone().requires_grad_(True), model, spec, plan, True)
+    assert len(plan.tiles) == 9 and len(calls) == 2 * 9 - 1
