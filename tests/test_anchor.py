@@ -84,6 +84,11 @@ def test_the_estimate_counts_the_anchor():
     plain = estimate(1365, 2048, 1, 3, s, torch.float32, cpu, None, 50)
     with_anchor = estimate(1365, 2048, 1, 3, s, torch.float32, cpu, None, 50, anchor_pixels=512 * 341)
     assert with_anchor - plain >= 2400 * 512 * 341 + 3 * 4 * 1365 * 2048
+    # Tiled, the anchor's pass runs after the tiles' passes: the larger of the two counts, not both.
+    tiled = estimate(4096, 4096, 1, 3, s, torch.float32, cpu, 512, 5, torch.bfloat16)
+    tiled_with_anchor = estimate(4096, 4096, 1, 3, s, torch.float32, cpu, 512, 5, torch.bfloat16,
+                                 anchor_pixels=512 * 512)
+    assert tiled_with_anchor - tiled < 2400 * 512 * 512 + 3 * 4 * 4096 * 4096
 
 
 @pytest.fixture

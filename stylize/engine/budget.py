@@ -17,8 +17,9 @@ The estimate adds what a level holds at its peak:
   core plus halo (``stylize.engine.tiled``; tiles run one after another);
 * on a print's levels above its preview, the preview's terms on the image
   shrunk to the preview's size (``objective.Anchor``): a whole pass at that
-  size, its content targets, and one more image-sized vector (the gradient
-  of the shrinking).
+  size (beside the level's own whole pass; after a tiled level's tiles, so
+  the larger of the two), its content targets, and one more image-sized
+  vector (the gradient of the shrinking).
 
 Per-pixel costs of the pass were measured on this project's CPU in float32
 with ``/usr/bin/time``-style peak RSS (see ``benchmarks/large.py``): the fused
@@ -106,18 +107,18 @@ def estimate(height: int, width: int, batch: int, channels: int, settings: Setti
     ``anchor_pixels``: the preview's pixels (all images) when the level also matches its preview."""
     pixels = height * width * batch
     content = sum(_channels(n) * 4 / layer_geometry(n)[1] ** 2 for n in settings.content_layers)  # targets
-    anchor = 0
-    if anchor_pixels:
-        anchor = ((WHOLE_PASS_BYTES.get(dtype, WHOLE_PASS_BYTES[torch.float32]) + content) * anchor_pixels
-                  + channels * 4 * pixels)
     pair = 2 * channels * history_dtype.itemsize  # one (s, y) pair per pixel
     per_pixel = IMAGE_VECTORS * channels * 4 + content + history * pair
-    if tile is None:
-        pass_bytes = WHOLE_PASS_BYTES.get(dtype, WHOLE_PASS_BYTES[torch.float32]) * pixels
-    else:
+    whole = WHOLE_PASS_BYTES.get(dtype, WHOLE_PASS_BYTES[torch.float32])
+    anchor_pass = whole * anchor_pixels
+    if tile is None:  # the level's pass and the anchor's keep what their backward needs until it runs
+        pass_bytes = whole * pixels + anchor_pass
+    else:  # the tiles' passes are over (their gradient taken) before the anchor's pass runs
         halo, _ = halo_for(settings.content_layers + settings.style_layers)
         outer = (min(height, tile + 2 * halo) * min(width, tile + 2 * halo)) * batch
-        pass_bytes = TILE_PASS_BYTES.get(dtype, TILE_PASS_BYTES[torch.float32]) * outer
+        pass_bytes = max(TILE_PASS_BYTES.get(dtype, TILE_PASS_BYTES[torch.float32]) * outer, anchor_pass)
+    # The anchor's content targets, and its gradient enlarged back to the image before it is added.
+    anchor = content * anchor_pixels + channels * 4 * pixels if anchor_pixels else 0
     fixed = weight_bytes(settings, dtype) + (CPU_RUNTIME_BYTES if device.type == "cpu" else 0)
     return int(fixed + per_pixel * pixels + pass_bytes + anchor)
 
