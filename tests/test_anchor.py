@@ -15,7 +15,7 @@ from stylize.engine.schedule import anchor_level, level_sizes
 from stylize.engine.settings import Settings
 from stylize.engine.tiled import plan_tiles, tiled_features
 
-from tests.test_tiled import GRAD_TOL, assert_rel_close, blended_grams, sample
+from test_tiled import GRAD_TOL, assert_rel_close, blended_grams, sample
 
 DATA = Path(__file__).parent / "data"
 
