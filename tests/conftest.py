@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import signal
 import uuid
 
 # Before torch loads (here and in every child process the tests start): OpenMP threads that spin
@@ -12,6 +13,13 @@ import uuid
 # convolution took 32 ms spinning and 0.6 ms sleeping; tests/test_precision.py and
 # test_schedule.py took 259 s and 13 s.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+# The interrupt tests send SIGINT to the processes they start, as Ctrl+C would. A shell without job
+# control starts `pytest &` with SIGINT ignored, and every child inherits that (an ignored signal
+# stays ignored across exec), so they would never hear it. A handler here is reset to the default
+# in each child at exec, where Python installs its own.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 import boto3
 import pytest
