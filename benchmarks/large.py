@@ -58,6 +58,11 @@ def inputs(data: Path | None, quick: bool) -> tuple[Path, Path]:
     return data / "content" / "chelsea.png", data / "styles" / "starry_night.jpg"
 
 
+def images(args) -> dict:
+    """The photo and painting entries of a child's spec."""
+    return {"content": str(args.content), "style": str(args.style)}
+
+
 def child_run(spec: dict) -> dict:
     """One Engine.run in this process; prints a JSON line."""
     from PIL import Image
@@ -171,15 +176,15 @@ def describe(row: dict) -> str:
 def part_tiling(args) -> dict:
     size, tile = args.base, args.base // 2
     say(f"\n== 1. {size} px: whole image against --tile {tile} ({args.iterations} iterations, float32)")
-    whole = run_child("run", {"content": str(args.content), "style": str(args.style), "settings": settings(size, args.iterations)})
-    tiled = run_child("run", {"content": str(args.content), "style": str(args.style),
+    whole = run_child("run", {**images(args), "settings": settings(size, args.iterations)})
+    tiled = run_child("run", {**images(args),
                               "settings": settings(size, args.iterations, tile=tile)})
     for name, row in (("whole image", whole), (f"tile {tile}", tiled)):
         say(f"  {name:<12} {row['per_iteration']:7.2f} s/iteration   peak RSS {row['peak_rss_mib']:7.0f} MiB   "
             f"[{describe(row)}; load {row['load']:.1f}]")
     ratio = tiled["per_iteration"] / whole["per_iteration"]
     say(f"  tiled / whole: {ratio:.2f}x time per iteration (target <= 2x: {'met' if ratio <= 2 else 'NOT met'})")
-    parts = run_child("breakdown", {"content": str(args.content), "style": str(args.style), "size": size, "tile": tile,
+    parts = run_child("breakdown", {**images(args), "size": size, "tile": tile,
                                     "repeats": 2})
     shown = ", ".join(f"{k} {v:.1f} s ({v / parts['total']:.0%})" for k, v in parts["parts"].items())
     say(f"  one tiled evaluation: {parts['total']:.1f} s = {shown}; {parts['tiles']} tiles, "
@@ -213,9 +218,9 @@ def part_schedule(args, workdir: Path) -> None:
     base = dict(max_memory=args.budget) | ({} if n is None else dict(iterations=n))
     # --quick scales the schedule's 512/1024 px thresholds with the sizes, so the print schedule still runs.
     scaled = {"print_base": top // 4} if args.quick else {}
-    preview = run_child("run", {"content": str(args.content), "style": str(args.style), "output": paths["preview"],
+    preview = run_child("run", {**images(args), "output": paths["preview"],
                                 "settings": dict(base, size=top // 4), **scaled})
-    printed = run_child("run", {"content": str(args.content), "style": str(args.style), "output": paths["print"],
+    printed = run_child("run", {**images(args), "output": paths["print"],
                                 "settings": dict(base, size=top), **scaled})
     for name, row in (("preview", preview), ("print", printed)):
         levels = ", ".join(f"{max(lv['size'])}" + (f" tile {lv['tile']}" if lv["tile"] else "")
@@ -224,7 +229,7 @@ def part_schedule(args, workdir: Path) -> None:
         say(f"  {name:<8} {row['seconds']:7.0f} s   levels {levels}   peak RSS {row['peak_rss_mib']:.0f} MiB "
             f"[load {row['load']:.1f}]")
     say(f"  print / preview time: {printed['seconds'] / preview['seconds']:.1f}x")
-    judged = run_child("judge", {"content": str(args.content), "style": str(args.style), "images": paths, "size": top // 4})
+    judged = run_child("judge", {**images(args), "images": paths, "size": top // 4})
     for loss in ("content", "style"):
         a, b = judged["print"][loss], judged["preview"][loss]
         diff = abs(a - b) / max(a, b)
@@ -263,7 +268,7 @@ def main() -> None:
         + (" (the CPUs are shared: times are pessimistic)" if load > (os.cpu_count() or 1) else ""))
     whole = part_tiling(args) if "1" in args.parts else None
     if whole is None and "2" in args.parts:  # part 2's reference row
-        whole = run_child("run", {"content": str(args.content), "style": str(args.style),
+        whole = run_child("run", {**images(args),
                                   "settings": settings(args.base, args.iterations)})
     if "3" in args.parts:
         with tempfile.TemporaryDirectory() as tmp:

@@ -105,7 +105,11 @@ def test_a_print_keeps_the_look_of_its_preview(small_prints, monkeypatch):
     engine = Engine("cpu")
     s = Settings(size=256, iterations=40, precision="float32", tolerance=0)
     preview = engine.run(content, [style], s.model_copy(update={"size": 64}))
+    built = []
+    build = Engine._preview_objective
+    monkeypatch.setattr(Engine, "_preview_objective", lambda *a: built.append(1) or build(*a))
     anchored_print = engine.run(content, [style], s)
+    assert len(built) == 1  # once for both levels above the preview
     assert [lv["anchor"] for lv in anchored_print.memory] == [None, [64, 42], [64, 42]]  # levels 64, 128, 256
     monkeypatch.setattr("stylize.engine.optimize.anchor_level", lambda *_: None)
     plain_print = engine.run(content, [style], s)

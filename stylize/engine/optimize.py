@@ -449,16 +449,15 @@ class Engine:
             torch.cuda.reset_peak_memory_stats(self.device)
         batch = Batch(len(contents))
         x: Tensor | None = None
+        anchor_at = self._anchors(contents, targets, layout, preview, plans, s)
         for k in range(layout.levels):
             c, c_target, style_grams = self._level_targets(contents, targets, layout, k, s)
             x = self._level_start(x, c_target, inits, layout, k, s)
             new_level = functools.partial(
                 Level, index=k + 1, settings=s, report=report, iterations=batch.iterations,
                 to_rgb=lambda i, xs, c=c, k=k: self._to_rgb(layout.crop(xs, i, k), layout.crop(c, i, k), s))
-            anchor = None if preview is None or k <= preview else self._anchor(contents, targets, layout, preview,
-                                                                              k, plans[preview], s)
             level, plans[k] = self._run_level(x.detach(), s, c_target, style_grams, plans[k], layout.valid(k),
-                                              new_level, anchor)
+                                              new_level, anchor_at(k))
             batch.add(level)
             x = level.result()
             log.debug("level %d (%dx%d padded) done at iterations %s", k + 1, *layout.padded(k), batch.iterations)
@@ -538,16 +537,24 @@ class Engine:
             return None
         return plan_tiles(height, width, plan.tile, s.content_layers + s.style_layers, field="tile")
 
-    def _anchor(self, contents: Sequence[Image.Image], targets: StyleTargets, layout: Layout, preview: int, k: int,
-                plan: MemoryPlan, s: Settings) -> Anchor:
-        """For level ``k`` of a print: the content and style terms of its preview's top level ``preview``, on
-        the level's image resized to that level (``objective.Anchor``)."""
+    def _anchors(self, contents: Sequence[Image.Image], targets: StyleTargets, layout: Layout, preview: int | None,
+                 plans: list[MemoryPlan], s: Settings) -> Callable[[int], Anchor | None]:
+        """Level k -> what it matches of its print's preview (``objective.Anchor``), or None. The preview's
+        objective is built once, when the first level above it starts (its plan is final by then)."""
+        objective = functools.cache(lambda: self._preview_objective(contents, targets, layout, preview,
+                                                                    plans[preview], s))
+        return lambda k: (None if preview is None or k <= preview
+                          else Anchor(objective(), functools.partial(layout.shrink, k=k, j=preview)))
+
+    def _preview_objective(self, contents: Sequence[Image.Image], targets: StyleTargets, layout: Layout,
+                           preview: int, plan: MemoryPlan, s: Settings) -> Objective:
+        """The objective of a print's preview level ``preview``, which the levels above it also match on
+        their image shrunk to that level (``objective.Anchor``)."""
         _c, c_target, grams = self._level_targets(contents, targets, layout, preview, s)
         w, h = layout.padded(preview)
         tiles = None if plan.tile is None else plan_tiles(h, w, plan.tile, s.content_layers + s.style_layers,
                                                           field="tile")
-        objective = self._objective(c_target, grams, tiles, layout.valid(preview), s)
-        return Anchor(objective, functools.partial(layout.shrink, k=k, j=preview))
+        return self._objective(c_target, grams, tiles, layout.valid(preview), s)
 
     def _objective(self, c_target: Tensor, style_grams: dict[str, Tensor], tiles: TilePlan | None,
                    valid: Valid | None, s: Settings, anchor: Anchor | None = None) -> Objective:
