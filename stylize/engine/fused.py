@@ -1,4 +1,4 @@
-"""The VGG pass and its feature losses as one autograd Function with a hand-written backward.
+"""The VGG pass and its feature losses as autograd Functions with a hand-written backward.
 
 ``losses.ContentLoss``/``StyleLoss`` on ``VGG19Features`` outputs, differentiated
 by autograd, is the reference implementation (and what ``torch.compile`` and
@@ -24,14 +24,20 @@ each image's valid region, as ``VGG19Features`` does, and its backward
 applies the same masks to the gradient (a ReLU's mask already does: its saved
 output is zero there). The losses count valid positions only.
 
+A tile of a print (``tiled.py``) runs the same stack through ``tile_terms``:
+its content loss over the positions its core owns, and its part of each style
+layer's Gram matrix, whose gradient (the whole image's style loss with respect
+to the Gram summed over every tile) comes back into the same walk.
+
 The losses and their normalization are exactly those of ``stylize.engine.losses``;
 ``tests/test_fused.py`` checks values and gradients against the autograd
-reference.
+reference, ``tests/test_tiled.py`` the tiles against the whole image.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -54,6 +60,21 @@ class LossSpec:
     style: dict[str, tuple[Tensor, float]]
 
 
+@dataclass(frozen=True)
+class TileSpec:
+    """A tile's part of the whole image's losses (``tiled.py``): terms over the positions its core owns.
+
+    ``core``: {layer: (rows, cols) of the core in the tile's map of that layer}. ``content``: {layer:
+    (target at the core positions, weight divided by the whole layer's size c*h*w)}. ``style``: the
+    layers whose Gram sums over the core positions ``tile_terms`` returns, unnormalized: the caller adds
+    them up over the tiles.
+    """
+
+    core: dict[str, tuple[slice, slice]]
+    content: dict[str, tuple[Tensor, float]]
+    style: tuple[str, ...]
+
+
 def _rows(t: Tensor) -> Tensor:
     """(b, c, h, w) -> (b, h*w, c): a view for channels-last tensors, a copy otherwise."""
     b, c, h, w = t.shape
@@ -66,76 +87,120 @@ def _unrows(rows: Tensor, shape: torch.Size) -> Tensor:
     return rows.view(b, h, w, c).permute(0, 3, 1, 2)
 
 
+class _Stack:
+    """One pass through the VGG stack up to the deepest layer the losses use, and what its backward needs.
+
+    ``forward`` runs the layers and yields each layer's output; with ``keep`` it
+    saves, per layer, the conv's input, the ReLU's output, the pool's input and
+    max-pool indices (convolutions are frozen: their input gradient needs no
+    more), else nothing. ``backward`` walks the layers in reverse with one
+    gradient buffer, updated in place; ``inject(i, g)`` adds the losses'
+    gradients on layer ``i``'s output into it (``g`` is None until the first).
+    """
+
+    def __init__(self, model: VGG19Features, wanted: set[str], valid: Valid | None, keep: bool):
+        self.layers, self.names = model.layers, model.names
+        self.wanted, self.valid, self.keep = wanted, valid, keep
+        self.deepest = max(LAYER_INDEX[n] for n in wanted)
+        self.saved: list[tuple | None] = []
+        self.shapes: list[tuple[torch.Size, torch.dtype]] = []  # each layer's output
+        self.masks: dict[int, Tensor] = {}  # applied to the gradient of a layer's output (-1: the input)
+
+    def forward(self, x: Tensor) -> Iterator[tuple[int, Tensor, Tensor | None, Tensor | None]]:
+        """Yields (layer index, output, loss mask, valid positions per image (b,)) for a padded batch: the
+        mask (conv outputs, which the stack does not zero) is for the losses, None when the output is
+        already masked; both None for a batch of one shape."""
+        valid = self.valid
+        if valid is not None:
+            x = x * valid.mask(x)
+            self.masks[-1] = valid.mask(x)
+        for i in range(self.deepest + 1):
+            layer = self.layers[i]
+            if isinstance(layer, nn.Conv2d):
+                saved = ("conv", x, None)
+                x = layer(x)
+            elif isinstance(layer, nn.ReLU):
+                # In place unless the conv output is itself a loss layer.
+                x = torch.relu(x) if self.names[i - 1] in self.wanted else torch.relu_(x)
+                saved = ("relu", x, None)
+            elif isinstance(layer, nn.MaxPool2d):
+                out, indices = torch.ops.aten.max_pool2d_with_indices(x, [2, 2], [2, 2])
+                saved, x = ("max", x, indices), out
+            else:
+                saved, x = ("avg", x, None), layer(x)
+            if valid is not None and not isinstance(layer, nn.Conv2d):
+                valid = valid if isinstance(layer, nn.ReLU) else valid.halved()
+                x.mul_(valid.mask(x))  # a ReLU's saved output too: its backward then masks the gradient
+                if not isinstance(layer, nn.ReLU):
+                    self.masks[i] = valid.mask(x)
+            if self.keep:
+                self.saved.append(saved)
+            self.shapes.append((x.shape, x.dtype))
+            del saved
+            if valid is None:
+                yield i, x, None, None
+            else:  # conv outputs are not masked in the stack (the ReLU above does it): mask them for the losses
+                yield i, x, valid.mask(x) if isinstance(layer, nn.Conv2d) else None, valid.counts(x.device)
+
+    def backward(self, inject: Callable[[int, Tensor | None], Tensor | None]) -> Tensor:
+        """The gradient of the stack's input, from the losses' gradients that ``inject`` adds per layer."""
+        g: Tensor | None = None
+        for i in range(self.deepest, -1, -1):
+            kind, tensor, indices = self.saved[i]
+            self.saved[i] = None  # activations are dropped as the walk goes down
+            g = inject(i, g)
+            if g is None:
+                continue
+            if i in self.masks:  # a pooling output zeroed outside the valid region: so is its gradient
+                g = g * self.masks[i]
+            layer = self.layers[i]
+            if kind == "relu":
+                g = torch.ops.aten.threshold_backward.grad_input(g, tensor, 0.0, grad_input=g)
+            elif kind == "conv":
+                # The weights are frozen: the input gradient only.
+                g = torch.ops.aten.convolution_backward(
+                    g, tensor, layer.weight, None, list(layer.stride), list(layer.padding), list(layer.dilation),
+                    False, [0, 0], layer.groups, [True, False, False],
+                )[0]
+            elif kind == "max":
+                g = torch.ops.aten.max_pool2d_with_indices_backward(g, tensor, [2, 2], [2, 2], [0, 0], [1, 1],
+                                                                    False, indices)
+            else:
+                g = torch.ops.aten.avg_pool2d_backward(g, tensor, [2, 2], [2, 2], [0, 0], False, True, None)
+        if -1 in self.masks:
+            g = g * self.masks[-1]
+        return g.float()
+
+
 class _FeatureLoss(torch.autograd.Function):
     """(preprocessed image) -> (weighted content loss (b,), weighted style loss (b,))."""
 
     @staticmethod
     def forward(ctx, x: Tensor, model: VGG19Features, spec: LossSpec, channels_last: bool, valid: Valid | None):
-        keep = ctx.needs_input_grad[0]
-        wanted = set(spec.content) | set(spec.style)
-        deepest = max(LAYER_INDEX[n] for n in wanted)
-        x = x.to(model.layers[0].weight.dtype)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        b = x.shape[0]
-        # Masks the backward applies to the gradient of a layer's output (-1: the input); see _masked.
-        masks: dict[int, Tensor] = {}
-        if valid is not None:
-            x = x * valid.mask(x)
-            masks[-1] = valid.mask(x)
-        content = torch.zeros(b, dtype=torch.float32, device=x.device)
-        style = torch.zeros(b, dtype=torch.float32, device=x.device)
-        # Per layer, what its backward needs, (kind, tensor, indices): the conv's
-        # input, the ReLU's output, the pool's input and max-pool indices; each
-        # layer's output shape and dtype; the loss gradients' ingredients.
-        saved: list[tuple] = []
-        shapes: list[tuple[torch.Size, torch.dtype]] = []
+        stack = _Stack(model, set(spec.content) | set(spec.style), valid, keep=ctx.needs_input_grad[0])
+        x = _prepared(x, model, channels_last)
+        content = torch.zeros(x.shape[0], dtype=torch.float32, device=x.device)
+        style = torch.zeros(x.shape[0], dtype=torch.float32, device=x.device)
+        # The loss gradients' ingredients, per layer index.
         content_diff: dict[int, tuple[Tensor, float]] = {}
         style_diff: dict[int, tuple[Tensor, Tensor, float]] = {}
-        for i in range(deepest + 1):
-            layer, name = model.layers[i], model.names[i]
-            if isinstance(layer, nn.Conv2d):
-                saved.append(("conv", x, None))
-                x = layer(x)
-            elif isinstance(layer, nn.ReLU):
-                # In place unless the conv output is itself a loss layer.
-                x = torch.relu(x) if model.names[i - 1] in wanted else torch.relu_(x)
-                saved.append(("relu", x, None))
-            elif isinstance(layer, nn.MaxPool2d):
-                out, indices = torch.ops.aten.max_pool2d_with_indices(x, [2, 2], [2, 2])
-                saved.append(("max", x, indices))
-                x = out
-            else:
-                saved.append(("avg", x, None))
-                x = layer(x)
-            if valid is not None and not isinstance(layer, nn.Conv2d):
-                valid = valid if isinstance(layer, nn.ReLU) else valid.halved()
-                x.mul_(valid.mask(x))  # a ReLU's saved output too: its backward then masks the gradient
-                if not isinstance(layer, nn.ReLU):
-                    masks[i] = valid.mask(x)
-            shapes.append((x.shape, x.dtype))
-            # Conv outputs are not masked in the stack (the ReLU above does it): mask them for the losses.
-            mask = None if valid is None or not isinstance(layer, nn.Conv2d) else valid.mask(x)
-            counts = None if valid is None else valid.counts(x.device)  # (b,) valid positions
+        for i, out, mask, counts in stack.forward(x):
+            name = model.names[i]
             if name in spec.content:
-                content += _content_loss(x, spec.content[name], mask, counts, content_diff, i)
+                content += _content_loss(out, spec.content[name], mask, counts, content_diff, i)
             if name in spec.style:
-                style += _style_loss(x, spec.style[name], mask, counts, style_diff, i)
-        if keep:
-            ctx.layers = model.layers
-            ctx.state = (saved, shapes, content_diff, style_diff, deepest, masks)
+                style += _style_loss(out, spec.style[name], mask, counts, style_diff, i)
+        if stack.keep:
+            ctx.state = (stack, content_diff, style_diff)
         return content, style
 
     @staticmethod
     def backward(ctx, grad_content: Tensor, grad_style: Tensor):
-        saved, shapes, content_diff, style_diff, deepest, masks = ctx.state
-        ctx.state = None  # activations are dropped as the walk goes down
-        g: Tensor | None = None
-        for i in range(deepest, -1, -1):
-            kind, tensor, indices = saved[i]
-            saved[i] = None
-            out_shape, out_dtype = shapes[i]
-            # The gradients of the losses on this layer's output join the flow from above, in place.
+        stack, content_diff, style_diff = ctx.state
+        ctx.state = None
+
+        def inject(i: int, g: Tensor | None) -> Tensor | None:
+            out_shape, out_dtype = stack.shapes[i]
             if i in style_diff:
                 rows, gdiff, k = style_diff.pop(i)
                 # In the features' dtype, like the rest of the backward pass.
@@ -150,27 +215,88 @@ class _FeatureLoss(torch.autograd.Function):
                 diff, k = content_diff.pop(i)
                 part = diff.mul_((k * grad_content).view(-1, 1, 1, 1))
                 g = part.to(out_dtype) if g is None else g.add_(part.to(g.dtype))
-            if g is None:
+            return g
+
+        return stack.backward(inject), None, None, None, None
+
+
+class _TileTerms(torch.autograd.Function):
+    """(preprocessed tile) -> (weighted content loss of its core (b,), then per style layer the Gram sum of
+    its core positions (b, c, c)); see ``TileSpec``."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, model: VGG19Features, spec: TileSpec, channels_last: bool):
+        wanted = set(spec.content) | set(spec.style)
+        stack = _Stack(model, wanted, None, keep=ctx.needs_input_grad[0])
+        x = _prepared(x, model, channels_last)
+        content = torch.zeros(x.shape[0], dtype=torch.float32, device=x.device)
+        grams: dict[str, Tensor] = {}
+        kept: dict[int, tuple[str, Tensor, Tensor | None]] = {}  # layer index -> (name, output, content diff)
+        for i, out, _, _ in stack.forward(x):
+            name = model.names[i]
+            if name not in wanted:
                 continue
-            if i in masks:  # a pooling output zeroed outside the valid region: so is its gradient
-                g = g * masks[i]
-            layer = ctx.layers[i]
-            if kind == "relu":
-                g = torch.ops.aten.threshold_backward.grad_input(g, tensor, 0.0, grad_input=g)
-            elif kind == "conv":
-                # The weights are frozen: the input gradient only.
-                g = torch.ops.aten.convolution_backward(
-                    g, tensor, layer.weight, None, list(layer.stride), list(layer.padding), list(layer.dilation),
-                    False, [0, 0], layer.groups, [True, False, False],
-                )[0]
-            elif kind == "max":
-                g = torch.ops.aten.max_pool2d_with_indices_backward(g, tensor, [2, 2], [2, 2], [0, 0], [1, 1],
-                                                                    False, indices)
-            else:
-                g = torch.ops.aten.avg_pool2d_backward(g, tensor, [2, 2], [2, 2], [0, 0], False, True, None)
-        if -1 in masks:
-            g = g * masks[-1]
-        return g.float(), None, None, None, None
+            rows, cols = spec.core[name]
+            core = out[..., rows, cols]
+            diff = None
+            if name in spec.content:
+                target, k = spec.content[name]
+                diff = core.float() - target
+                content += k * diff.pow(2).flatten(1).sum(1)
+            if name in spec.style:
+                r = core.float().permute(0, 2, 3, 1).reshape(core.shape[0], -1, core.shape[1])  # (b, m, c)
+                grams[name] = torch.bmm(r.transpose(1, 2), r)
+                del r
+            if stack.keep:
+                kept[i] = (name, out, diff)
+        if stack.keep:
+            ctx.state = (stack, spec, kept)
+        return (content, *(grams[n] for n in spec.style))
+
+    @staticmethod
+    def backward(ctx, grad_content: Tensor, *grad_grams: Tensor):
+        stack, spec, kept = ctx.state
+        ctx.state = None
+        upstream = dict(zip(spec.style, grad_grams))
+
+        def inject(i: int, g: Tensor | None) -> Tensor | None:
+            if i not in kept:
+                return g
+            name, out, diff = kept.pop(i)
+            if g is None:
+                g = torch.zeros_like(out)  # the gradient is zero off the core until the layers below spread it
+            rows, cols = spec.core[name]
+            core = g[..., rows, cols]  # a view: added into in place
+            if name in upstream:
+                # d/dX of the Gram sum X^T X with upstream gradient U: X (U + U^T)
+                u = upstream[name]
+                r = _rows(out[..., rows, cols])  # (b, m, c), a copy of the core's rows
+                core.add_(_unrows(torch.bmm(r, (u + u.transpose(1, 2)).to(r.dtype)), core.shape))
+            if diff is not None:
+                # d/dF of k * sum((F - P)^2)
+                core.add_(diff.mul_((2 * spec.content[name][1] * grad_content).view(-1, 1, 1, 1)).to(g.dtype))
+            return g
+
+        return stack.backward(inject), None, None, None
+
+
+def tile_terms(x: Tensor, model: VGG19Features, spec: TileSpec,
+               channels_last: bool) -> tuple[Tensor, dict[str, Tensor]]:
+    """(weighted content loss of the core (b,), {style layer: Gram sum of the core (b, c, c)}) of the
+    preprocessed tile ``x``, both differentiable in ``x`` through the hand-written backward.
+
+    The style loss of the whole image is a function of the Grams summed over every tile: backpropagating
+    its gradient with respect to that sum through each tile's part gives each tile's share of the image
+    gradient, one tile at a time.
+    """
+    content, *grams = _TileTerms.apply(x, model, spec, channels_last)
+    return content, dict(zip(spec.style, grams))
+
+
+def _prepared(x: Tensor, model: VGG19Features, channels_last: bool) -> Tensor:
+    """The preprocessed image in the network's dtype and memory format."""
+    x = x.to(model.layers[0].weight.dtype)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
 def _content_loss(x: Tensor, target_weight: tuple[Tensor, float], mask: Tensor | None, counts: Tensor | None,

@@ -31,10 +31,15 @@ gradient (which reaches into the halo: a core feature depends on halo pixels),
 added at the tile's place. No blending, no seams. ``tests/test_tiled.py``
 checks loss and gradient against the untiled evaluation.
 
+Both passes run on ``fused.tile_terms``, the whole image's hand-written
+backward (``fused.py``): a tile's content loss and Gram sums over its core,
+differentiable; pass 2 backpropagates into each tile the style loss's
+gradient with respect to the global Gram sum.
+
 Cost: every tile runs the network forward twice and backward once (the
 untiled pass: once each), on a tile enlarged by its halo; the last tile of
-the first pass keeps its graph, so the second pass starts with it and runs
-its forward pass only once.
+the first pass keeps what its backward needs, so the second pass starts
+with it and runs its forward pass only once.
 """
 
 from __future__ import annotations
@@ -42,13 +47,13 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 from torch import Tensor
 
 from stylize.engine.features import LAYER_INDEX, LAYERS, VGG19Features, check_layers
-from stylize.engine.fused import LossSpec
+from stylize.engine.fused import LossSpec, TileSpec, tile_terms
 from stylize.engine.losses import tv_and_grad
 from stylize.errors import ConfigError
 
@@ -157,50 +162,36 @@ def _strides(layers: Sequence[str]) -> dict[str, int]:
     return {n: layer_geometry(n)[1] for n in layers}
 
 
-def _tile_features(model: VGG19Features, x: Tensor, layers: Sequence[str], plan: TilePlan,
-                   channels_last: bool) -> Iterator[tuple[str, Tensor, tuple[slice, slice, slice, slice]]]:
-    """(layer, tile features, core slices) for every tile and layer: the tile's rows and columns
-    of its core, then the core's rows and columns in the whole map."""
-    strides = _strides(layers)
-    for tile in plan.tiles:
-        for n, f in _features(model, _pixels(x, tile), layers, channels_last).items():
-            yield n, f, _core_slices(tile, strides[n])
-
-
 @torch.no_grad()
 def tiled_features(model: VGG19Features, x: Tensor, layers: Sequence[str], plan: TilePlan,
                    channels_last: bool) -> dict[str, Tensor]:
     """The whole image's features at ``layers``, assembled from tile cores (e.g. content targets)."""
     out: dict[str, Tensor] = {}
-    for n, f, (rows, cols, grows, gcols) in _tile_features(model, x, layers, plan, channels_last):
-        if n not in out:
-            s = layer_geometry(n)[1]
-            out[n] = f.new_empty(*f.shape[:2], plan.height // s, plan.width // s)  # (b, c, h, w) of the whole map
-        out[n][..., grows, gcols] = f[..., rows, cols]
+    strides = _strides(layers)
+    for tile in plan.tiles:
+        for n, f in _features(model, _pixels(x, tile), layers, channels_last).items():
+            rows, cols, grows, gcols = _core_slices(tile, strides[n])
+            if n not in out:  # (b, c, h, w) of the whole map
+                out[n] = f.new_empty(*f.shape[:2], plan.height // strides[n], plan.width // strides[n])
+            out[n][..., grows, gcols] = f[..., rows, cols]
     return out
-
-
-def _core_rows(f: Tensor, rows: slice, cols: slice) -> Tensor:
-    """(b, c, h, w) features -> (b, m, c) float32 rows of the core positions."""
-    core = f[..., rows, cols].float()
-    return core.permute(0, 2, 3, 1).reshape(f.shape[0], -1, f.shape[1])  # (b, m, c)
 
 
 @torch.no_grad()
 def tiled_grams(model: VGG19Features, x: Tensor, layers: Sequence[str], plan: TilePlan,
                 channels_last: bool) -> dict[str, Tensor]:
     """{layer: (b, c, c)} float32 Gram matrices of the whole image divided by c*h*w, summed over cores."""
+    spec = LossSpec(content={}, style={n: (None, 0.0) for n in layers})
     sums: dict[str, Tensor] = {}
-    for n, f, (rows, cols, _, _) in _tile_features(model, x, layers, plan, channels_last):
-        _add_gram(sums, n, f, rows, cols)
+    for tile in plan.tiles:
+        _add(sums, _run_tile(model, x, tile, _tile_spec(tile, spec, plan, {}), channels_last, grad=False)[2])
     return _normalized(sums, plan)
 
 
-def _add_gram(sums: dict[str, Tensor], n: str, f: Tensor, rows: slice, cols: slice) -> None:
-    """Add the core positions' part of layer ``n``'s Gram matrix (not yet normalized) into ``sums``."""
-    r = _core_rows(f.detach(), rows, cols)  # (b, m, c)
-    part = torch.bmm(r.transpose(1, 2), r)  # (b, c, c)
-    sums[n] = part if n not in sums else sums[n].add_(part)
+def _add(sums: dict[str, Tensor], grams: dict[str, Tensor]) -> None:
+    """Add a tile's Gram sums (not yet normalized) into ``sums``."""
+    for n, g in grams.items():
+        sums[n] = g.detach().clone() if n not in sums else sums[n].add_(g.detach())
 
 
 def _normalized(sums: dict[str, Tensor], plan: TilePlan) -> dict[str, Tensor]:
@@ -210,75 +201,53 @@ def _normalized(sums: dict[str, Tensor], plan: TilePlan) -> dict[str, Tensor]:
     return sums
 
 
-def _gram_pass(model: VGG19Features, x: Tensor, spec: LossSpec, plan: TilePlan, channels_last: bool,
-               keep_last: bool) -> tuple[dict[str, Tensor], tuple[Tile, Tensor, dict[str, Tensor]] | None]:
+def _tile_spec(tile: Tile, spec: LossSpec, plan: TilePlan, sizes: dict[str, int] | None) -> TileSpec:
+    """The tile's part of ``spec``: its core in each layer's map and, when ``sizes`` (c*h*w of each whole
+    map) is given, its content terms; style layers always (their Gram sums)."""
+    layers = set(spec.style) | (set(spec.content) if sizes is not None else set())
+    core, content = {}, {}
+    for n in layers:
+        rows, cols, grows, gcols = _core_slices(tile, layer_geometry(n)[1])
+        core[n] = (rows, cols)
+        if sizes is not None and n in spec.content:
+            target, weight = spec.content[n]
+            content[n] = (target[..., grows, gcols], weight / sizes[n])
+    return TileSpec(core, content, tuple(spec.style))
+
+
+def _run_tile(model: VGG19Features, x: Tensor, tile: Tile, spec: TileSpec, channels_last: bool,
+              grad: bool) -> tuple[Tensor | None, Tensor, dict[str, Tensor]]:
+    """(leaf, content loss (b,), Gram sums) of one tile's pass (``fused.tile_terms``); with ``grad``,
+    ``leaf`` is the tile's pixels as a leaf that the pass's graph leads back to, else None."""
+    pixels = _pixels(x, tile).detach()
+    leaf = pixels.requires_grad_(True) if grad else None
+    with torch.set_grad_enabled(grad):
+        rgb = pixels.expand(-1, 3, -1, -1) if pixels.shape[1] == 1 else pixels  # luminance as grey RGB
+        content, grams = tile_terms(model.preprocess(rgb.float()), model, spec, channels_last)
+    return leaf, content, grams
+
+
+def _gram_pass(model: VGG19Features, x: Tensor, spec: LossSpec, plan: TilePlan, sizes: dict[str, int],
+               channels_last: bool, keep_last: bool) -> tuple[dict[str, Tensor], tuple | None]:
     """Pass 1: the global Grams of the style layers. With ``keep_last``, the last tile runs with its
-    autograd graph and every layer the losses use, and comes back as (tile, leaf, features): pass 2
-    starts with it instead of running its forward pass again (one tile's forward less per evaluation:
-    a quarter of the Gram pass with 4 tiles)."""
-    style_layers = list(spec.style)
-    every_layer = sorted(set(spec.content) | set(spec.style), key=LAYER_INDEX.get)
-    strides = _strides(every_layer)
+    graph and its content terms, and comes back as (tile, leaf, content, Gram sums): pass 2 starts with
+    it, with no forward pass of its own (one tile's forward less per evaluation: a quarter of the Gram
+    pass with 4 tiles)."""
     sums: dict[str, Tensor] = {}
     kept = None
     for i, tile in enumerate(plan.tiles):
-        if keep_last and i == len(plan.tiles) - 1:
-            leaf = _pixels(x, tile).detach().requires_grad_(True)
-            with torch.enable_grad():
-                feats = _features(model, leaf, every_layer, channels_last)
-            kept = (tile, leaf, feats)
-        else:
-            with torch.no_grad():
-                feats = _features(model, _pixels(x, tile), style_layers, channels_last)
-        for n in style_layers:
-            rows, cols, _, _ = _core_slices(tile, strides[n])
-            _add_gram(sums, n, feats[n], rows, cols)
+        last = keep_last and i == len(plan.tiles) - 1
+        leaf, content, grams = _run_tile(model, x, tile, _tile_spec(tile, spec, plan, sizes if last else None),
+                                         channels_last, grad=last)
+        _add(sums, grams)
+        if last:
+            kept = (tile, leaf, content, grams)
     return _normalized(sums, plan), kept
 
 
 def _layer_sizes(plan: TilePlan, layers: Sequence[str], channels: dict[str, int]) -> dict[str, int]:
     """c*h*w of each layer's whole map (per image): the losses' normalization."""
     return {n: channels[n] * (plan.height // s) * (plan.width // s) for n, s in _strides(layers).items()}
-
-
-def _tile_pass(model: VGG19Features, x: Tensor, tile: Tile, spec: LossSpec, gdiffs: dict[str, Tensor],
-               sizes: dict[str, int], channels_last: bool, timings: dict[str, float],
-               ran: tuple[Tensor, dict[str, Tensor]] | None = None) -> tuple[Tensor, Tensor]:
-    """Forward and backward of one tile; returns (weighted content loss (b,), the tile's input gradient).
-    ``ran``: (leaf, features) of the tile's forward pass with its graph, when pass 1 already ran it."""
-    layers = sorted(set(spec.content) | set(spec.style), key=LAYER_INDEX.get)
-    strides = _strides(layers)
-    started = time.perf_counter()
-    if ran is None:
-        leaf = _pixels(x, tile).detach().requires_grad_(True)
-        with torch.enable_grad():
-            feats = _features(model, leaf, layers, channels_last)
-    else:
-        leaf, feats = ran
-    content = torch.zeros(x.shape[0], dtype=torch.float32, device=x.device)
-    outputs, grads = [], []
-    for n, f in feats.items():
-        rows, cols, grows, gcols = _core_slices(tile, strides[n])
-        g = torch.zeros(f.shape, dtype=torch.float32, device=f.device)  # (b, c, h, w) dLoss/dF, zero off-core
-        if n in spec.content:
-            target, weight = spec.content[n]
-            diff = f[..., rows, cols].detach().float() - target[..., grows, gcols]
-            content += weight * diff.pow(2).flatten(1).sum(1) / sizes[n]
-            # d/dF of weight * sum((F - P)^2) / size
-            g[..., rows, cols] += diff * (2 * weight / sizes[n])
-        if n in spec.style:
-            r = _core_rows(f.detach(), rows, cols)  # (b, m, c)
-            core = g[..., rows, cols]
-            m = torch.bmm(r, gdiffs[n])  # (b, m, c): f_p (G - A) * k per core position
-            core += m.view(core.shape[0], core.shape[2], core.shape[3], -1).permute(0, 3, 1, 2)  # into g
-        outputs.append(f)
-        grads.append(g.to(f.dtype))
-    backward_from = time.perf_counter()
-    torch.autograd.backward(outputs, grads)
-    now = time.perf_counter()
-    timings["forward"] = timings.get("forward", 0.0) + backward_from - started
-    timings["backward"] = timings.get("backward", 0.0) + now - backward_from
-    return content, leaf.grad
 
 
 class _TiledLoss(torch.autograd.Function):
@@ -289,37 +258,43 @@ class _TiledLoss(torch.autograd.Function):
     def forward(ctx, x: Tensor, model: VGG19Features, spec: LossSpec, plan: TilePlan, channels_last: bool,
                 timings: dict[str, float], tv_weight: float):
         b = x.shape[0]
+        wanted = ctx.needs_input_grad[0]
+        channels = {n: t.shape[1] for n, (t, _) in spec.content.items()}
+        channels.update({n: t.shape[-1] for n, (t, _) in spec.style.items()})
+        sizes = _layer_sizes(plan, list(channels), channels)
         style = torch.zeros(b, dtype=torch.float32, device=x.device)
-        gdiffs: dict[str, Tensor] = {}
-        channels: dict[str, int] = {n: t.shape[1] for n, (t, _) in spec.content.items()}
+        upstream: dict[str, Tensor] = {}  # d style loss / d (Gram sum over every tile), per layer
         kept = None
         if spec.style:
             started = time.perf_counter()
-            grams, kept = _gram_pass(model, x, spec, plan, channels_last, keep_last=ctx.needs_input_grad[0])
+            grams, kept = _gram_pass(model, x, spec, plan, sizes, channels_last, keep_last=wanted)
             timings["gram pass"] = timings.get("gram pass", 0.0) + time.perf_counter() - started
             for n, (target, weight) in spec.style.items():
-                g = grams[n]
-                c = g.shape[1]
-                channels[n] = c
-                diff = g - target  # (b, c, c), symmetric
+                diff = grams[n] - target  # (b, c, c)
+                c = diff.shape[1]
                 style += weight * diff.pow(2).flatten(1).mean(1)
-                # d/dX of weight * mean((X^T X / n - A)^2) = X (G - A) * 4 * weight / (c^2 n)
-                n_full = c * (plan.height // layer_geometry(n)[1]) * (plan.width // layer_geometry(n)[1])
-                gdiffs[n] = diff * (4 * weight / (c * c * n_full))
-        sizes = _layer_sizes(plan, list(channels), channels)
+                # d/dS of weight * mean((S / size - A)^2), S the Gram sum
+                upstream[n] = diff * (2 * weight / (c * c * sizes[n]))
         content = torch.zeros(b, dtype=torch.float32, device=x.device)
-        grad = torch.zeros_like(x, dtype=torch.float32) if ctx.needs_input_grad[0] else None
+        grad = torch.zeros_like(x, dtype=torch.float32) if wanted else None
         order = list(plan.tiles) if kept is None else [kept[0]] + [t for t in plan.tiles if t is not kept[0]]
         for tile in order:  # pass 2, from the tile pass 1 left with its graph
-            ran = None
+            started = time.perf_counter()
             if kept is not None and tile is kept[0]:
-                ran, kept = kept[1:], None
-            part, tile_grad = _tile_pass(model, x, tile, spec, gdiffs, sizes, channels_last, timings, ran)
-            del ran  # the kept tile's features go before the next tile runs
-            content += part
+                (_, leaf, part, grams), kept = kept, None
+            else:
+                leaf, part, grams = _run_tile(model, x, tile, _tile_spec(tile, spec, plan, sizes), channels_last,
+                                              grad=wanted)
+            content += part.detach()
+            backward_from = time.perf_counter()
             if grad is not None:
-                _pixels(grad, tile).add_(tile_grad)
-            del tile_grad
+                torch.autograd.backward([part] + [grams[n] for n in spec.style],
+                                        [torch.ones_like(part)] + [upstream[n] for n in spec.style])
+                _pixels(grad, tile).add_(leaf.grad)
+            del leaf, part, grams  # the tile's activations go before the next tile runs
+            now = time.perf_counter()
+            timings["forward"] = timings.get("forward", 0.0) + backward_from - started
+            timings["backward"] = timings.get("backward", 0.0) + now - backward_from
         tv = tv_and_grad(x, tv_weight, grad) if tv_weight else torch.zeros_like(content)
         ctx.grad = grad
         ctx.mark_non_differentiable(content, style, tv)
