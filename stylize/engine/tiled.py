@@ -181,10 +181,9 @@ def tiled_features(model: VGG19Features, x: Tensor, layers: Sequence[str], plan:
 def tiled_grams(model: VGG19Features, x: Tensor, layers: Sequence[str], plan: TilePlan,
                 channels_last: bool) -> dict[str, Tensor]:
     """{layer: (b, c, c)} float32 Gram matrices of the whole image divided by c*h*w, summed over cores."""
-    spec = LossSpec(content={}, style={n: (None, 0.0) for n in layers})
     sums: dict[str, Tensor] = {}
     for tile in plan.tiles:
-        _add(sums, _run_tile(model, x, tile, _tile_spec(tile, spec, plan, {}), channels_last, grad=False)[2])
+        _add(sums, _run_tile(model, x, tile, _tile_spec(tile, layers), channels_last, grad=False)[2])
     return _normalized(sums, plan)
 
 
@@ -201,18 +200,19 @@ def _normalized(sums: dict[str, Tensor], plan: TilePlan) -> dict[str, Tensor]:
     return sums
 
 
-def _tile_spec(tile: Tile, spec: LossSpec, plan: TilePlan, sizes: dict[str, int] | None) -> TileSpec:
-    """The tile's part of ``spec``: its core in each layer's map and, when ``sizes`` (c*h*w of each whole
-    map) is given, its content terms; style layers always (their Gram sums)."""
-    layers = set(spec.style) | (set(spec.content) if sizes is not None else set())
-    core, content = {}, {}
-    for n in layers:
+def _tile_spec(tile: Tile, style: Sequence[str], content: dict[str, tuple[Tensor, float]] | None = None,
+               sizes: dict[str, int] | None = None) -> TileSpec:
+    """The tile's part of the terms: its core in each layer's map, the Gram sums of the ``style`` layers,
+    and the ``content`` terms ({layer: (whole-map target, weight)}; ``sizes``: c*h*w of each whole map)."""
+    content = content or {}
+    core, terms = {}, {}
+    for n in set(style) | set(content):
         rows, cols, grows, gcols = _core_slices(tile, layer_geometry(n)[1])
         core[n] = (rows, cols)
-        if sizes is not None and n in spec.content:
-            target, weight = spec.content[n]
-            content[n] = (target[..., grows, gcols], weight / sizes[n])
-    return TileSpec(core, content, tuple(spec.style))
+        if n in content:
+            target, weight = content[n]
+            terms[n] = (target[..., grows, gcols], weight / sizes[n])
+    return TileSpec(core, terms, tuple(style))
 
 
 def _run_tile(model: VGG19Features, x: Tensor, tile: Tile, spec: TileSpec, channels_last: bool,
@@ -237,8 +237,8 @@ def _gram_pass(model: VGG19Features, x: Tensor, spec: LossSpec, plan: TilePlan, 
     kept = None
     for i, tile in enumerate(plan.tiles):
         last = keep_last and i == len(plan.tiles) - 1
-        leaf, content, grams = _run_tile(model, x, tile, _tile_spec(tile, spec, plan, sizes if last else None),
-                                         channels_last, grad=last)
+        terms = _tile_spec(tile, list(spec.style), spec.content if last else None, sizes)
+        leaf, content, grams = _run_tile(model, x, tile, terms, channels_last, grad=last)
         _add(sums, grams)
         if last:
             kept = (tile, leaf, content, grams)
@@ -283,8 +283,8 @@ class _TiledLoss(torch.autograd.Function):
             if kept is not None and tile is kept[0]:
                 (_, leaf, part, grams), kept = kept, None
             else:
-                leaf, part, grams = _run_tile(model, x, tile, _tile_spec(tile, spec, plan, sizes), channels_last,
-                                              grad=wanted)
+                terms = _tile_spec(tile, list(spec.style), spec.content, sizes)
+                leaf, part, grams = _run_tile(model, x, tile, terms, channels_last, grad=wanted)
             content += part.detach()
             backward_from = time.perf_counter()
             if grad is not None:
