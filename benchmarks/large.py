@@ -16,7 +16,11 @@ Parts, in one run:
    passes, measured by ``stylize.engine.tiled``) and how much of each tile is halo.
 2. 2048 and 4096 px with ``--max-memory 6GiB``: the plan the engine chose (tile, history), peak RSS
    against the budget (target: within +10%), seconds per iteration and per megapixel-iteration against
-   the whole-image 1024 px row (target: at most 2x). 4096 px runs ``--top-iterations`` (1) step.
+   the whole-image 1024 px row (target: at most 2x). 4096 px runs ``--top-iterations`` (1) step. Then
+   the ``bf16`` row: 2048 px in bfloat16 (the CPU's default precision) under ``--bf16-budget`` (3GiB:
+   the top level gets tiles and a 5-step history), 10 iterations, so that the top level's 5 steps fill
+   its history: L-BFGS allocates the history at the first step, but its pages become resident only as
+   the steps fill them, so a 1-step row leaves most of it out of the peak RSS.
 3. A 2048 px print with the default settings (levels 256, 512, 1024, 2048, fewer iterations at the top,
    precision auto, ``--max-memory`` 6GiB) against a default 512 px run, its preview; then the print,
    downscaled to 512, judged against the preview (``Engine.judge``: content and style losses, target:
@@ -160,7 +164,7 @@ def run_child(kind: str, spec: dict) -> dict:
 
 def settings(size: int, iterations: int, **extra) -> dict:
     return dict(size=size, iterations=iterations, scales=1, tolerance=0, precision="float32",
-                max_pixels=max(4096 * 4096, size * size), **extra)
+                max_pixels=max(4096 * 4096, size * size)) | extra
 
 
 def say(line: str) -> None:
@@ -192,21 +196,25 @@ def part_tiling(args) -> dict:
     return whole
 
 
-def part_budget(args, whole: dict, size: int, iterations: int) -> None:
+def part_budget(args, whole: dict, size: int, iterations: int, precision: str = "float32",
+                budget: str | None = None) -> None:
     row = run_child("run", {"content": str(SQUARE), "style": str(args.style),
-                            "settings": settings(size, iterations, max_memory=args.budget)})
+                            "settings": settings(size, iterations, max_memory=budget or args.budget,
+                                                 precision=precision)})
     w, h = row["sizes"][-1]
     bw, bh = whole["sizes"][-1]
     per_mp = row["per_iteration"] / (w * h / 1e6)
     base_mp = whole["per_iteration"] / (bw * bh / 1e6)
     budget_mib = row["levels"][-1]["budget_bytes"] / 2**20
     over = row["peak_rss_mib"] / budget_mib
-    say(f"  {w}x{h}: {row['per_iteration']:.1f} s/iteration, {per_mp:.2f} s per MP-iteration "
+    say(f"  {w}x{h} {precision}: {row['per_iteration']:.1f} s/iteration, {per_mp:.2f} s per MP-iteration "
         f"({per_mp / base_mp:.2f}x the whole-image {max(bw, bh)} px row; target <= 2x: "
         f"{'met' if per_mp <= 2 * base_mp else 'NOT met'}); peak RSS {row['peak_rss_mib']:.0f} MiB = "
         f"{over:.0%} of the budget (target <= 110%: {'met' if over <= 1.1 else 'NOT met'}); "
+        f"budget {budget_mib:.0f} MiB, estimate {row['levels'][-1]['estimate_bytes'] / 2**20:.0f} MiB; "
         f"{describe(row)}; {row['seconds']:.0f} s in all [load {row['load']:.1f}]")
-    # L-BFGS allocates its whole history (a ring buffer) at the first step, so one step shows its full size.
+    # L-BFGS allocates its history (a ring buffer) at the first step; its pages become resident as steps fill
+    # them, so a row of fewer steps than the history leaves part of it out (see the bf16 row).
 
 
 def part_schedule(args, workdir: Path) -> None:
@@ -251,7 +259,9 @@ def main() -> None:
     parser.add_argument("--top-iterations", type=int, default=1, help="L-BFGS steps at 4096 px")
     parser.add_argument("--schedule-iterations", type=int, help="part 3's iterations (default: the default)")
     parser.add_argument("--budget", default="6GiB")
-    parser.add_argument("--sizes", default="512,2048,4096", help="part 2's sizes, e.g. 4096")
+    parser.add_argument("--sizes", default="512,2048,4096,bf16",
+                        help="part 2's rows, e.g. 4096, or bf16 (2048 px in bfloat16 under --bf16-budget)")
+    parser.add_argument("--bf16-budget", default="3GiB", help="part 2's bf16 row's --max-memory")
     parser.add_argument("--keep", metavar="DIR", help="keep part 3's print.png and preview.png in DIR")
     parser.add_argument("--data", type=Path, help="a folder with content/chelsea.png and styles/starry_night.jpg "
                         "(default: ../shared/data, else the demo's images)")
@@ -261,7 +271,7 @@ def main() -> None:
     if args.skip_4096:
         sizes = [s for s in sizes if s != 4096]
     if args.quick:
-        args.budget = "1.2GiB"
+        args.budget = args.bf16_budget = "1.2GiB"
         args.schedule_iterations = args.schedule_iterations or 20
     load = os.getloadavg()[0]
     say(f"benchmarks/large.py on {os.cpu_count()} CPUs, load {load:.1f}, {time.strftime('%Y-%m-%d %H:%M')}"
@@ -276,9 +286,12 @@ def main() -> None:
             keep.mkdir(parents=True, exist_ok=True)
             part_schedule(args, keep)
     if "2" in args.parts:
-        say(f"\n== 2. print sizes with --max-memory {args.budget} (float32, one level)")
+        say(f"\n== 2. print sizes with --max-memory {args.budget} (float32; the bf16 row: bfloat16, "
+            f"--max-memory {args.bf16_budget})")
         for size in [s for s in sizes if str(s) in args.sizes.split(",")]:
             part_budget(args, whole, size, args.top_iterations if size >= 4096 else 2)
+        if "bf16" in args.sizes.split(","):
+            part_budget(args, whole, sizes[0], 10, "bfloat16", args.bf16_budget)
 
 
 if __name__ == "__main__":

@@ -153,3 +153,26 @@ def test_float32_iterates_follow_the_loops():
     assert make(xs[0])().sum() < 0.5 * make(torch.zeros(b, n))().sum()  # and it did optimize
     assert last.shape == (b,)
 
+
+
+def test_bfloat16_history_products_are_those_of_its_pairs():
+    """With a bfloat16 history, the products each step keeps (s_i . g, y_i . g, s_i . y_new, y_i . y_new;
+    computed as g^T S^T, which reads the history in place) are those of the rounded pairs, to bfloat16's
+    rounding of the result."""
+    b, n = 2, 4096
+    gen = torch.Generator().manual_seed(2)
+    scale = torch.logspace(-1, 2, n).repeat(b, 1)
+    target = torch.randn(b, n, generator=gen)
+    x = torch.zeros(b, n, requires_grad=True)
+    opt = BatchedLBFGS(x, history=4, history_dtype=torch.bfloat16)
+    make = lambda: (0.5 * scale * x * x - target * x + 0.05 * x.pow(4)).sum(1)  # noqa: E731
+    opt.start(make)
+    for _ in range(6):  # fills and wraps the buffer
+        opt.step(make)
+        slots = [(opt.oldest + k) % opt.history for k in range(opt.count)]
+        s, y = (opt.pairs[:, slots, k].float() for k in (0, 1))  # (b, m, n) oldest first
+        for got, want in ((opt.hg[:, :opt.count, 0], (s @ opt.g[:, :, None])[..., 0]),
+                          (opt.hg[:, :opt.count, 1], (y @ opt.g[:, :, None])[..., 0]),
+                          (opt.yy[:, :opt.count - 1, opt.count - 1], (y[:, :-1] @ y[:, -1:].mT)[..., 0])):
+            if want.numel():
+                    assert torch.allclose(got, want, rtol=2e-2, atol=1e-3 * want.abs().max().item())

@@ -141,3 +141,35 @@ def test_large_levels_release_free_pages_after_every_evaluation(monkeypatch, thr
     s = Settings(size=64, iterations=3, scales=1, tolerance=0, precision="float32")
     optimize.Engine("cpu").run(photo, [photo], s)
     assert len(calls) == per_level
+
+
+START_PROBE = """
+import json, sys
+import torch
+from stylize.engine.malloc import start_level
+from stylize.engine.optimize import Engine
+state = Engine("cpu").malloc
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+started = start_level(int(sys.argv[1]))
+block = torch.ones(2**22)  # 16 MiB
+pin = torch.ones(1000)  # above it: the heap cannot shrink from the top
+before = rss()
+del block
+print(json.dumps({"state": state, "started": started, "dropped": before - rss()}))
+"""
+
+
+@glibc_only
+@pytest.mark.parametrize("pixels, unmapped", [(2048 * 1362, True), (512 * 341, False)])
+def test_a_prints_levels_map_their_blocks_on_their_own(pixels, unmapped):
+    """At a level of RELEASE_EACH_STEP_PIXELS or more, a block of LARGE_LEVEL_MMAP_THRESHOLD (4 MiB) or more
+    goes back to the kernel when freed, so it leaves no resident hole in the heap; a smaller level keeps
+    its 16 MiB blocks for the next iteration."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    out = subprocess.run([sys.executable, "-c", START_PROBE, str(pixels)], capture_output=True, text=True,
+                         env=environ, check=True)
+    result = json.loads(out.stdout.splitlines()[-1])
+    assert result["state"] == "tuned" and result["started"]
+    assert (result["dropped"] > 0.9 * 2**24) == unmapped, result

@@ -21,11 +21,29 @@ The estimate adds what a level holds at its peak:
   the larger of the two), its content targets, and one more image-sized
   vector (the gradient of the shrinking).
 
-Per-pixel costs of the pass were measured on this project's CPU in float32
-with ``/usr/bin/time``-style peak RSS (see ``benchmarks/large.py``): the fused
+Per-pixel costs of the pass are peak RSS, not live tensors: ``--max-memory``
+bounds the process's RSS, and during a pass the heap keeps freed blocks under
+the mmap threshold resident (``stylize.engine.malloc``). float32 was measured
+with ``/usr/bin/time``-style peak RSS (``benchmarks/large.py``): the fused
 whole-image pass about 2.1 kB per pixel at 512 px, a tile's autograd pass
-about 3.5 kB per pixel of its outer box; the constants below round them up.
-bfloat16 halves the activations but not the float32 Grams and losses.
+about 3.5 kB per pixel of its outer box. bfloat16 (the CPU's default) with
+``benchmarks/pass_memory.py`` (one evaluation's loss and gradient from a
+trimmed heap, RSS sampled every 5 ms; issue 13, notes/13-bf16.md):
+
+* the fused whole-image pass holds 1.0 kB per pixel of live tensors at 512,
+  1024 and 1536 px, and 1.14-1.56 kB of RSS (the most at 512-1024 px, where
+  more of its blocks are under the mmap threshold); counted as 1600;
+* a tile's autograd pass holds about 1.7-1.8 kB per pixel of the outer box
+  (as ``estimate`` counts it) live and 2.1-3.2 kB of RSS (tiles of 1024 down
+  to 512 px). In a print's tiled top level the level's peak implied 3.7 kB
+  (a 2048 px default print under 3 GiB, tiles of 768 px: 4127 MiB RSS for an
+  estimate of 3015 MiB counting 2300): the tiles' holes mix with the level's
+  image-sized vectors, under the mmap threshold at 2048 px. Counted as 3800,
+  as in float32: bfloat16 halves the activations, but the autograd pass keeps
+  float32 loss gradients and Gram rows beside them. The 2300 counted before
+  was a guess, and a 4096 px print under 6 GiB peaked at 10.9 GB (178%).
+  ``stylize.engine.tiled``'s pass changes its cost: rerun pass_memory.py's
+  tile rows and large.py's bf16 row after a change there.
 """
 
 from __future__ import annotations
@@ -42,8 +60,8 @@ from stylize.errors import ResourceError
 
 #: Bytes per pixel of one VGG pass and its backward, by dtype: the whole image (fused pass) and a tile's
 #: outer box (autograd pass).
-WHOLE_PASS_BYTES = {torch.float32: 2400, torch.bfloat16: 1400}
-TILE_PASS_BYTES = {torch.float32: 3800, torch.bfloat16: 2300}
+WHOLE_PASS_BYTES = {torch.float32: 2400, torch.bfloat16: 1600}
+TILE_PASS_BYTES = {torch.float32: 3800, torch.bfloat16: 3800}
 #: Image-sized float32 vectors a level holds at once besides the history (see the module docstring;
 #: tests/test_budget.py counts them), and what the estimate counts: those plus 3 of headroom.
 IMAGE_VECTORS_HELD = 7

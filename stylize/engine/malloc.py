@@ -59,6 +59,10 @@ MMAP_THRESHOLD = 64 * 2**20
 #: docstring); smaller ones keep them, for speed.
 RELEASE_EACH_STEP_PIXELS = 1024 * 512
 
+#: The mmap threshold on levels of RELEASE_EACH_STEP_PIXELS or more (see the module docstring and
+#: :func:`start_level`).
+LARGE_LEVEL_MMAP_THRESHOLD = 4 * 2**20
+
 #: mallopt takes a C int.
 LARGEST = 2**31 - 1
 
@@ -99,7 +103,6 @@ def _tune() -> str:
     if reason:
         return reason
     libc = _libc()
-    libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     if not libc.mallopt(M_TRIM_THRESHOLD, LARGEST):
         return "mallopt(M_TRIM_THRESHOLD) failed"
     if not libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD):
@@ -119,10 +122,21 @@ def release_freed_memory() -> bool:
     return bool(_libc().malloc_trim(0))
 
 
+def start_level(pixels: int) -> bool:
+    """As a level of ``pixels`` (all images) starts: the mmap threshold for its size, then
+    :func:`release_freed_memory`. True if malloc is tuned (see the module docstring)."""
+    if _state != "tuned":
+        return False
+    large = pixels >= RELEASE_EACH_STEP_PIXELS
+    _libc().mallopt(M_MMAP_THRESHOLD, LARGE_LEVEL_MMAP_THRESHOLD if large else MMAP_THRESHOLD)
+    return release_freed_memory()
+
+
 @functools.cache
 def _libc() -> ctypes.CDLL:
     """The C library, found once (``find_library`` searches the system each time; a print's levels
     call ``release_freed_memory`` after every evaluation)."""
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     libc.malloc_trim.argtypes = [ctypes.c_size_t]
     return libc

@@ -37,7 +37,7 @@ from stylize.engine.hardware import peak_memory, resolve_device, resolve_precisi
 from stylize.engine.layout import Layout
 from stylize.engine.lbfgs import BatchedLBFGS
 from stylize.engine.losses import Valid, gram
-from stylize.engine.malloc import RELEASE_EACH_STEP_PIXELS, release_freed_memory, retain_freed_memory
+from stylize.engine.malloc import RELEASE_EACH_STEP_PIXELS, release_freed_memory, retain_freed_memory, start_level
 from stylize.engine.objective import Anchor, Objective, run_features
 from stylize.engine.schedule import anchor_level, converged, level_iterations, level_sizes, print_scales
 from stylize.engine.settings import Settings
@@ -586,6 +586,8 @@ class Engine:
             tiles = None if plan.tile is None else plan_tiles(h, w, plan.tile, s.content_layers + s.style_layers,
                                                               field="tile")
             try:
+                if self.device.type == "cpu":  # a print's levels map their blocks on their own (malloc.start_level)
+                    start_level(h * w * start.shape[0])
                 objective = self._objective(c_target, style_grams, tiles, valid, s, anchor)
                 if self.device.type == "cpu":  # the levels before and the target passes leave free pages behind
                     release_freed_memory()
