@@ -33,6 +33,18 @@ blocks' holes otherwise become resident over the iterations (1024x680,
 bfloat16, whole image: 1919 MiB RSS after 5 iterations, 2608 MiB after 60,
 for 1806 and 1813 MiB of live blocks).
 
+That trim comes after the evaluation, and a tiled bfloat16 pass's peak is
+within it: its blocks of 4-64 MiB (a tile's activations, and at 2048 px the
+33 MB image-sized vectors) left holes that were resident at the peak. A
+2048x1362 level in tiles of 512 px, bfloat16, under ``--max-memory 3GiB``
+peaked at 4199 MiB RSS for 2347 MiB of live blocks. So
+:func:`start_level`, which ``Engine`` calls as each level starts, sets the
+mmap threshold to LARGE_LEVEL_MMAP_THRESHOLD (4 MiB) for levels of
+RELEASE_EACH_STEP_PIXELS or more, and back to MMAP_THRESHOLD below: the same
+level then peaked at 3021 MiB (issue 13, notes/13-bf16.md), with no
+slowdown visible beside the shared machine's load (33 s an iteration at
+load 4-5 against 44 s at load 6-7).
+
 It changes a process-wide setting, so
 ``Engine`` calls it only for CPU engines (``retain_memory=False`` opts out),
 and it steps aside when the user tunes malloc already: a ``MALLOC_*`` or
