@@ -7,7 +7,7 @@ Run from the repository root (each row is its own process):
 
 A row builds a level's objective at its size (the photo's content targets, the painting's Grams; tiled
 rows cut a ``--tile-image`` px image into tiles of that core), then evaluates loss and gradient twice, each
-time from a trimmed heap (``malloc.release_freed_memory``, as the engine does at a print's levels), while
+time from a trimmed heap (``malloc.start_level`` and ``release_freed_memory``, as the engine does), while
 a thread samples the process's RSS (``VmRSS``) and glibc's live bytes (``mallinfo2``) every 5 ms. Per pixel:
 (peak - before the evaluation) / pixels, the pixels being the image's for a whole-image pass and the
 tile's outer box as ``budget.estimate`` counts it, ``min(h, core + 2 halo) x min(w, core + 2 halo)``, for a
@@ -98,9 +98,10 @@ def _objective(spec: dict):
 
 def child(spec: dict) -> dict:
     """Two evaluations of the spec's objective; per evaluation the peak RSS and live bytes per pixel."""
-    from stylize.engine.malloc import release_freed_memory
+    from stylize.engine.malloc import release_freed_memory, start_level
 
     rss, live = _probes()
+    start_level(spec["size"] * spec["size"])  # the engine's setting for a level of about this size
     objective, x, pixels, size = _objective(spec)
     out = {"size": size, "pixels": pixels, "evaluations": []}
     for _ in range(2):

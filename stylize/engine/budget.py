@@ -62,7 +62,7 @@ from stylize.errors import ResourceError
 #: Bytes per pixel of one VGG pass and its backward, by dtype: the whole image (fused pass) and a tile's
 #: outer box (autograd pass).
 WHOLE_PASS_BYTES = {torch.float32: 2400, torch.bfloat16: 1600}
-TILE_PASS_BYTES = {torch.float32: 3800, torch.bfloat16: 3800}
+TILE_PASS_BYTES = {torch.float32: 3800, torch.bfloat16: 2800}
 #: Image-sized float32 vectors a level holds at once besides the history (see the module docstring;
 #: tests/test_budget.py counts them), and what the estimate counts: those plus 3 of headroom.
 IMAGE_VECTORS_HELD = 7
