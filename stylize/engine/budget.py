@@ -33,16 +33,16 @@ trimmed heap, RSS sampled every 5 ms; issue 13, notes/13-bf16.md):
 * the fused whole-image pass holds 1.0 kB per pixel of live tensors at 512,
   1024 and 1536 px, and 1.14-1.56 kB of RSS (the most at 512-1024 px, where
   more of its blocks are under the mmap threshold); counted as 1600;
-* a tile's autograd pass holds 1.7-1.9 kB per pixel of the outer box (as
-  ``estimate`` counts it) live, 2.1-3.3 kB of RSS (tiles of 1024 down to 512
-  px on a 2048x1362 image, before ``malloc.start_level``). Counted as 3800,
-  as in float32: bfloat16 halves the activations, but the autograd pass keeps
-  float32 loss gradients and Gram rows beside them. 2300, counted before, was
-  a guess: a 4096 px print under 6 GiB peaked at 10.9 GB (178%), and a 2048
-  px print's top level under 3 GiB (tiles of 768, 5 bfloat16 pairs, 5 steps)
-  at 4127 MiB RSS for an estimate of 3015. Besides the pass, that level held holes
-  of 4-64 MiB blocks (now mapped on their own: ``malloc.start_level``) and a
-  copy of the bfloat16 history in L-BFGS's products (now read in place).
+* a tile's pass (on the fused pass's backward) holds 0.84-1.07 kB per pixel
+  of the outer box (as ``estimate`` counts it) live, 1.14-2.21 kB of RSS
+  (tiles of 1024 down to 512 px on a 2048x1362 image); counted as 2800. The
+  autograd tile pass before it held 1.7-1.9 kB live, 2.1-3.3 kB of RSS, and
+  2300 was a guess: a 4096 px print under 6 GiB peaked at 10.9 GB (178%), a
+  2048 px print's top level under 3 GiB (tiles of 768, 5 bfloat16 pairs, 5
+  steps) at 4127 MiB RSS for an estimate of 3015. Besides the pass, that
+  level held holes of 4-64 MiB blocks (now mapped on their own:
+  ``malloc.start_level``) and a copy of the bfloat16 history in L-BFGS's
+  products (now read in place).
   ``stylize.engine.tiled``'s pass changes its cost: rerun pass_memory.py's
   tile rows and large.py's bf16 row after a change there.
 """
