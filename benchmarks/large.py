@@ -18,9 +18,10 @@ Parts, in one run:
    against the budget (target: within +10%), seconds per iteration and per megapixel-iteration against
    the whole-image 1024 px row (target: at most 2x). 4096 px runs ``--top-iterations`` (1) step. Then
    the ``bf16`` row: 2048 px in bfloat16 (the CPU's default precision) under ``--bf16-budget`` (3GiB:
-   the top level gets tiles and a 5-step history), 10 iterations, so that the top level's 5 steps fill
-   its history: L-BFGS allocates the history at the first step, but its pages become resident only as
-   the steps fill them, so a 1-step row leaves most of it out of the peak RSS.
+   the top level gets tiles and a 10-step history), 160 iterations (10 at the top level, 40 at 1024 px),
+   so that the top level's steps fill its history: L-BFGS allocates the history at the first step, but
+   its pages become resident only as the steps fill them, so a 1-step row leaves most of it out of the
+   peak RSS.
 3. A 2048 px print with the default settings (levels 256, 512, 1024, 2048, fewer iterations at the top,
    precision auto, ``--max-memory`` 6GiB) against a default 512 px run, its preview; then the print,
    downscaled to 512, judged against the preview (``Engine.judge``: content and style losses, target:
@@ -291,7 +292,7 @@ def main() -> None:
         for size in [s for s in sizes if str(s) in args.sizes.split(",")]:
             part_budget(args, whole, size, args.top_iterations if size >= 4096 else 2)
         if "bf16" in args.sizes.split(","):
-            part_budget(args, whole, sizes[0], 10, "bfloat16", args.bf16_budget)
+            part_budget(args, whole, sizes[0], 160, "bfloat16", args.bf16_budget)
 
 
 if __name__ == "__main__":
