@@ -292,7 +292,7 @@ def main() -> None:
         for size in [s for s in sizes if str(s) in args.sizes.split(",")]:
             part_budget(args, whole, size, args.top_iterations if size >= 4096 else 2)
         if "bf16" in args.sizes.split(","):
-            part_budget(args, whole, sizes[0], 160, "bfloat16", args.bf16_budget)
+            part_budget(args, whole, sizes[0], 20 if args.quick else 160, "bfloat16", args.bf16_budget)
 
 
 if __name__ == "__main__":
