@@ -39,7 +39,8 @@ from stylize.engine.lbfgs import BatchedLBFGS
 from stylize.engine.losses import Valid, gram
 from stylize.engine.malloc import RELEASE_EACH_STEP_PIXELS, release_freed_memory, retain_freed_memory, start_level
 from stylize.engine.objective import Anchor, Objective, run_features
-from stylize.engine.schedule import anchor_level, converged, level_iterations, level_sizes, print_scales
+from stylize.engine.schedule import (anchor_level, converged, level_iterations, level_settings, level_sizes,
+                                     print_scales)
 from stylize.engine.settings import Settings
 from stylize.engine.tiled import TilePlan, plan_tiles, tiled_features, tiled_grams
 from stylize.errors import Cancelled, ConfigError, InputError, OptimizationError
@@ -441,7 +442,8 @@ class Engine:
         # Whole image or tiles, and the history length, per level; refuses a budget that cannot work
         # before any work is done.
         preview = anchor_level([max(layout.padded(k)) for k in range(layout.levels)], s)
-        plans = [self._plan(layout, k, preview, s) for k in range(layout.levels)]
+        own = [level_settings(s, k, preview) for k in range(layout.levels)]  # each level's own terms
+        plans = [self._plan(layout, k, preview, own[k]) for k in range(layout.levels)]
         if layout.mixed and any(plan.tile is not None for plan in plans):
             log.info("a batch of %d images of mixed shapes needs tiles: running them one by one", len(contents))
             return self._one_by_one(contents, targets, s, inits, report)
@@ -456,12 +458,12 @@ class Engine:
             new_level = functools.partial(
                 Level, index=k + 1, settings=s, report=report, iterations=batch.iterations,
                 to_rgb=lambda i, xs, c=c, k=k: self._to_rgb(layout.crop(xs, i, k), layout.crop(c, i, k), s))
-            level, plans[k] = self._run_level(x.detach(), s, c_target, style_grams, plans[k], layout.valid(k),
+            level, plans[k] = self._run_level(x.detach(), own[k], c_target, style_grams, plans[k], layout.valid(k),
                                               new_level, anchor_at(k))
             batch.add(level)
             x = level.result()
             log.debug("level %d (%dx%d padded) done at iterations %s", k + 1, *layout.padded(k), batch.iterations)
-        return self._results(self._to_rgb(x, c, s), layout, plans, batch, report, s)
+        return self._results(self._to_rgb(x, c, s), layout, plans, own, batch, report, s)
 
     def _plan(self, layout: Layout, k: int, preview: int | None, s: Settings) -> MemoryPlan:
         """Level ``k``'s memory plan; above a print's ``preview`` level it also holds the preview's terms."""
@@ -485,9 +487,10 @@ class Engine:
                                       cancel=report.cancel)
         return results
 
-    def _results(self, rgb: Tensor, layout: Layout, plans: list[MemoryPlan], batch: Batch, report: Reporting,
-                 s: Settings) -> list[Result]:
-        """A Result per image from the last level's RGB batch ``rgb`` (b, 3, H, W), cropped to each image."""
+    def _results(self, rgb: Tensor, layout: Layout, plans: list[MemoryPlan], own: list[Settings], batch: Batch,
+                 report: Reporting, s: Settings) -> list[Result]:
+        """A Result per image from the last level's RGB batch ``rgb`` (b, 3, H, W), cropped to each image;
+        ``own``: the settings of each level's own terms (``schedule.level_settings``)."""
         seconds = time.perf_counter() - report.started
         peak = peak_memory(self.device)
         last = layout.levels - 1
@@ -495,7 +498,8 @@ class Engine:
         results = []
         for i in range(batch.size):
             out = layout.crop(rgb, i, last)[0]  # (3, h_i, w_i)
-            levels = [dict(plan.describe(), size=list(size)) for plan, size in zip(plans, layout.sizes[i])]
+            levels = [dict(plan.describe(), size=list(size), style_layers=list(o.style_layers))
+                      for plan, size, o in zip(plans, layout.sizes[i], own)]
             results.append(Result(
                 image=images.to_image(out), records=batch.records[i], seconds=seconds, device=str(self.device),
                 precision=str(self.dtype(s)).replace("torch.", ""), sizes=list(layout.sizes[i]),
