@@ -281,17 +281,17 @@ class _TiledLoss(torch.autograd.Function):
         for tile in order:  # pass 2, from the tile pass 1 left with its graph
             started = time.perf_counter()
             if kept is not None and tile is kept[0]:
-                (_, leaf, part, grams), kept = kept, None
+                (_, leaf, part, sums), kept = kept, None
             else:
                 terms = _tile_spec(tile, list(spec.style), spec.content, sizes)
-                leaf, part, grams = _run_tile(model, x, tile, terms, channels_last, grad=wanted)
+                leaf, part, sums = _run_tile(model, x, tile, terms, channels_last, grad=wanted)
             content += part.detach()
             backward_from = time.perf_counter()
             if grad is not None:
-                torch.autograd.backward([part] + [grams[n] for n in spec.style],
+                torch.autograd.backward([part] + [sums[n] for n in spec.style],
                                         [torch.ones_like(part)] + [upstream[n] for n in spec.style])
                 _pixels(grad, tile).add_(leaf.grad)
-            del leaf, part, grams  # the tile's activations go before the next tile runs
+            del leaf, part, sums  # the tile's activations go before the next tile runs
             now = time.perf_counter()
             timings["forward"] = timings.get("forward", 0.0) + backward_from - started
             timings["backward"] = timings.get("backward", 0.0) + now - backward_from
