@@ -1,13 +1,15 @@
 """What the engine benchmarks share: the inputs, analytic FLOPs, child processes and plain-text tables.
 
 ``engine_speed.py`` (ms per iteration against pastiche and the measured peak),
-``engine_quality.py`` (time to quality) and ``gpu.py`` import this; it imports
+``engine_quality.py`` (time to quality), ``large.py`` (print sizes on the CPU)
+and ``gpu.py`` import this; it imports
 no torch, so a parent process stays light and each measurement runs in its own
 child (``run_child``), which prints one JSON object on its last stdout line.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -121,6 +123,94 @@ def child_main(argv: list[str], children: dict) -> bool:
 def progress(message: str) -> None:
     """A progress line on stderr, so that stdout holds only the report."""
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------
+# Print sizes (large.py on the CPU, gpu.py on the device)
+
+
+@contextlib.contextmanager
+def print_schedule_from(base: int | None):
+    """Within: ``stylize.engine.schedule``'s print schedule scaled so that a print is any size above
+    ``2 * base`` px refined from a ``base`` px preview (default: above 1024 from 512), as --quick runs it
+    at small sizes; None leaves the schedule as it is."""
+    from stylize.engine import schedule
+
+    saved = schedule.PRINT_BASE, schedule.PRINT_FROM
+    if base is not None:
+        schedule.PRINT_BASE, schedule.PRINT_FROM = base, 2 * base
+    try:
+        yield
+    finally:
+        schedule.PRINT_BASE, schedule.PRINT_FROM = saved
+
+
+def run_summary(result) -> dict:
+    """What the print-size rows report of an ``Engine.run`` result: its seconds, the mean seconds per
+    iteration at the top level (after its first record), per level the memory plan, the size, the
+    iterations and the seconds, and the peak memory in MiB (CUDA: allocated; CPU: the process's RSS)."""
+    levels = range(1, len(result.sizes) + 1)
+    top = [r for r in result.records if r.scale == len(result.sizes)]
+    steps = len(top) - 1
+    ends = [max(r.seconds for r in result.records if r.scale == k) for k in levels]
+    return {"seconds": result.seconds, "precision": result.precision,
+            "per_iteration": (top[-1].seconds - top[0].seconds) / steps if steps > 0 else None,
+            "levels": result.memory, "sizes": [list(size) for size in result.sizes],
+            "level_seconds": [b - a for a, b in zip([0.0] + ends, ends)],
+            "level_iterations": [sum(1 for r in result.records if r.scale == k) - 1 for k in levels],
+            "peak_mib": None if result.peak_memory is None else result.peak_memory / 2**20}
+
+
+def describe_plan(row: dict) -> str:
+    """The top level's plan of a ``run_summary``: tile (or whole image) and L-BFGS history."""
+    top = row["levels"][-1]
+    tiles = f"tile {top['tile']} + halo {top['halo']}" if top["tile"] else "whole image"
+    return f"{tiles}, history {top['history']} ({top.get('history_dtype', 'float32')})"
+
+
+def load_note(row: dict) -> str:
+    return f" [load {row['load']:.1f}]" if "load" in row else ""
+
+
+def budget_line(row: dict, reference: dict, peak: str = "peak RSS") -> str:
+    """A one-level print-size row against its memory budget: seconds per iteration and per megapixel-iteration
+    against ``reference`` (target: at most 2x), ``peak`` memory against the budget (target: within +10%),
+    the budget, the estimate and the plan."""
+    (w, h), (rw, rh) = row["sizes"][-1], reference["sizes"][-1]
+    per_mp = row["per_iteration"] / (w * h / 1e6)
+    base_mp = reference["per_iteration"] / (rw * rh / 1e6)
+    top = row["levels"][-1]
+    budget_mib = top["budget_bytes"] / 2**20
+    over = row["peak_mib"] / budget_mib
+    kind = "tiled" if reference["levels"][-1]["tile"] else "whole-image"
+    return (f"{row['per_iteration']:.3g} s/iteration, {per_mp:.3g} s per MP-iteration ({per_mp / base_mp:.2f}x "
+            f"the {kind} {max(rw, rh)} px row; target <= 2x: {'met' if per_mp <= 2 * base_mp else 'NOT met'}); "
+            f"{peak} {row['peak_mib']:.0f} MiB = {over:.0%} of the budget (target <= 110%: "
+            f"{'met' if over <= 1.1 else 'NOT met'}); budget {budget_mib:.0f} MiB, estimate "
+            f"{top['estimate_bytes'] / 2**20:.0f} MiB; {describe_plan(row)}; {row['seconds']:.3g} s in all"
+            + load_note(row))
+
+
+def print_against_preview(rows: dict[str, dict], judged: dict[str, dict], size: int,
+                          peak: str = "peak RSS") -> list[str]:
+    """A print and its preview (``rows["print"]``, ``rows["preview"]``: ``run_summary``s): each one's levels,
+    the print's time over the preview's, and ``judged`` (``Engine.judge`` of each, at ``size`` px) as the
+    print's content and style losses over the preview's (target: within 15% of each other)."""
+    lines = []
+    for name in ("preview", "print"):
+        row = rows[name]
+        levels = ", ".join(f"{max(lv['size'])}" + (f" tile {lv['tile']}" if lv["tile"] else "")
+                           + f": {n} it {sec:.3g} s"
+                           for lv, n, sec in zip(row["levels"], row["level_iterations"], row["level_seconds"]))
+        lines.append(f"{name:<8} {row['seconds']:7.3g} s   levels {levels}   {peak} {row['peak_mib']:.0f} MiB"
+                     + load_note(row))
+    lines.append(f"print / preview time: {rows['print']['seconds'] / rows['preview']['seconds']:.1f}x")
+    for loss in ("content", "style"):
+        a, b = judged["print"][loss], judged["preview"][loss]
+        diff = abs(a - b) / max(a, b)
+        lines.append(f"judged at {size} px, {loss}: print {a:.4g}, preview {b:.4g}: {a / b:.2f}x, {diff:.0%} apart "
+                     f"(target <= 15%: {'met' if diff <= 0.15 else 'NOT met'})")
+    return lines
 
 
 # --------------------------------------------------------------------------

@@ -16,13 +16,29 @@ Prints, on one CUDA device (``--device cpu --quick`` checks the script itself in
    batch size: reading, decoding, encoding, thumbnails, metadata and writes
    included, Prefect's start-up not; then batch occupancy (images per VGG19
    pass, from each job's ``engine.batch``, over the batch size asked for) and
-   device utilization (the run summary's ``device_utilization``).
+   device utilization (the run summary's ``device_utilization``);
+5. print sizes (issue 13; ``--skip-print`` leaves them out): a 4096x4096
+   output (the square ``astronaut.png``, one level, ``--print-iterations``
+   (5) L-BFGS steps, precision auto) with the default memory budget (90% of
+   the free device memory) and with ``--print-budget`` (6GiB: tiles): seconds
+   per iteration (mean after the first evaluation) and per megapixel-iteration,
+   the plan (tile, history), peak memory (CUDA: allocated) against the budget,
+   as ``benchmarks/large.py`` part 2 prints them on the CPU; then the default
+   print schedule to 4096 px against the default 512 px run, its preview:
+   wall time ratio, and the print shrunk to 512 px judged against the preview
+   (``Engine.judge`` content and style losses, as ratios), as large.py part 3.
 
 Targets (issue 7, one H100, 512 px): at least 4,000 images/hour at the
 500-iteration quality; at least 35% of the measured bf16 convolution peak.
+Issue 13: the tiled row within 2x the whole image's time per megapixel and
+its peak within 110% of the budget; the print's judged losses within 15% of
+the preview's.
 
-    benchmarks/gpu.sh                        # the full benchmark, under 5 minutes on an H100
-    benchmarks/gpu.sh --device cpu --quick   # the script itself, on the CPU
+    benchmarks/gpu.sh                        # the full benchmark, under 5 minutes on an H100 (part 5
+                                             # included, estimated: it has not run on a GPU yet)
+    benchmarks/gpu.sh --skip-print           # parts 1-4
+    benchmarks/gpu.sh --device cpu --quick   # the script itself, on the CPU (part 5: a 128 px output,
+                                             # and a 256 px print of a 64 px preview)
 """
 
 from __future__ import annotations
@@ -37,13 +53,15 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from _common import iteration_gflop
+from _common import budget_line, iteration_gflop, print_against_preview, print_schedule_from, run_summary
 from catalog import make_mixed_catalog
 from stylize.engine import images
 from stylize.engine.optimize import Engine
 from stylize.engine.settings import Settings
 
 DATA = Path(__file__).resolve().parent.parent / "tests" / "data"
+#: Part 5's one-level rows: square, so that 4096 px is 4096x4096, as in large.py part 2.
+SQUARE = DATA / "astronaut.png"
 
 
 def sync(device: torch.device) -> None:
@@ -168,12 +186,57 @@ def catalog_throughput(device: str, per_batch: int, photos: int, size: int, iter
     print("device utilization: " + ("not in the run summary" if utilization is None else f"{utilization:.2f}"))
 
 
+def print_sizes(engine: Engine, style, size: int, iterations: int, budget: str, precision: str) -> None:
+    """One level at ``size`` px, square: the default memory budget against ``budget``."""
+    device = engine.device
+    peak = "peak allocated" if device.type == "cuda" else "peak RSS"
+    print(f"\nprint size {size}x{size} ({SQUARE.name}), one level, {iterations} iterations, precision {precision}:")
+    whole = None
+    for label, max_memory in (("default budget", None), (f"max_memory {budget}", budget)):
+        if device.type == "cuda":
+            torch.cuda.empty_cache()  # the default budget is 90% of the free memory
+        s = Settings(size=size, scales=1, iterations=iterations, tolerance=0, max_memory=max_memory,
+                     precision=precision)
+        row = run_summary(engine.run(load(SQUARE), [style], s))
+        whole = whole or row
+        print(f"  {label} ({row['precision']}): {budget_line(row, whole, peak)}")
+
+
+def print_schedule(engine: Engine, content, style, size: int, preview: int, extra: dict) -> None:
+    """The default print schedule to ``size`` px against the default ``preview`` px run, judged at ``preview``;
+    ``extra``: settings that --quick changes."""
+    peak = "peak allocated" if engine.device.type == "cuda" else "peak RSS"
+    print(f"\nprint schedule to {size} px against the default {preview} px run "
+          f"({', '.join(f'{k} {v}' for k, v in extra.items()) or 'the defaults'}):")
+    results = {name: engine.run(content, [style], Settings(size=n, **extra))
+               for name, n in (("preview", preview), ("print", size))}
+    judged = {name: engine.judge(r.image, content, [style], Settings(), size=preview) for name, r in results.items()}
+    rows = {name: run_summary(r) for name, r in results.items()}
+    for line in print_against_preview(rows, judged, preview, peak):
+        print(f"  {line}")
+
+
+def print_part(args, engine: Engine, content, style) -> None:
+    """Part 5 at 4096 px; under --quick, a 128 px output and a 256 px print of a 64 px preview (the print
+    schedule scaled to it, as large.py --quick does), in float32 (bf16, the default where a CPU has it, is
+    the slower there)."""
+    quick = {"iterations": 5, "precision": "float32"} if args.quick else {}
+    print_sizes(engine, style, 128 if args.quick else 4096, 3 if args.quick else args.print_iterations,
+                args.print_budget, quick.get("precision", "auto"))
+    top, preview = (256, 64) if args.quick else (4096, 512)
+    with print_schedule_from(preview if args.quick else None):
+        print_schedule(engine, content, style, top, preview, quick)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--photos", type=int, default=24, help="photos of the mixed catalog, each in 3 styles")
     parser.add_argument("--quick", action="store_true", help="tiny sizes and counts, to check the script")
+    parser.add_argument("--skip-print", action="store_true", help="leave out part 5 (print sizes)")
+    parser.add_argument("--print-iterations", type=int, default=5, help="part 5's L-BFGS steps at 4096 px")
+    parser.add_argument("--print-budget", default="6GiB", help="part 5's tiled row's max_memory")
     args = parser.parse_args()
     device = torch.device(args.device)
     size = 32 if args.quick else args.size
@@ -196,6 +259,8 @@ def main() -> None:
     schedule_comparison(engine, content, style, size, reference_iterations)
     catalog_throughput(args.device, best, 4 if args.quick else args.photos, size,
                        2 if args.quick else Settings().iterations)
+    if not args.skip_print:
+        print_part(args, engine, content, style)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _common import budget_line, describe_plan, print_against_preview, print_schedule_from, run_summary
+
 ROOT = Path(__file__).resolve().parent.parent
 #: The photo and the painting: ../shared/data's when present (chelsea 451x300, The Starry Night 1024x640),
 #: else the demo's (the same photo, the painting at 512x320); --quick uses tests/data's 128 px copies.
@@ -75,24 +77,14 @@ def child_run(spec: dict) -> dict:
     from stylize.engine.optimize import Engine
     from stylize.engine.settings import Settings
 
-    if spec.get("print_base"):  # --quick: the print schedule at a smaller scale (see part_schedule)
-        from stylize.engine import schedule
-
-        schedule.PRINT_BASE, schedule.PRINT_FROM = spec["print_base"], 2 * spec["print_base"]
     content = Image.open(spec["content"]).convert("RGB")
     style = Image.open(spec["style"]).convert("RGB")
     s = Settings(**spec["settings"])
-    result = Engine("cpu").run(content, [style], s)
+    with print_schedule_from(spec.get("print_base")):  # --quick: the print schedule scaled (see part_schedule)
+        result = Engine("cpu").run(content, [style], s)
     if spec.get("output"):
         result.image.save(spec["output"])
-    top = [r for r in result.records if r.scale == len(result.sizes)]
-    steps = len(top) - 1
-    per_iteration = (top[-1].seconds - top[0].seconds) / steps if steps > 0 else None
-    ends = [max(r.seconds for r in result.records if r.scale == k) for k in range(1, len(result.sizes) + 1)]
-    steps_per_level = [sum(1 for r in result.records if r.scale == k) - 1 for k in range(1, len(result.sizes) + 1)]
-    return {"seconds": result.seconds, "per_iteration": per_iteration, "levels": result.memory,
-            "sizes": result.sizes, "level_seconds": [b - a for a, b in zip([0.0] + ends, ends)],
-            "level_iterations": steps_per_level}
+    return run_summary(result)
 
 
 def child_breakdown(spec: dict) -> dict:
@@ -148,7 +140,7 @@ def child_judge(spec: dict) -> dict:
 
 
 def run_child(kind: str, spec: dict) -> dict:
-    """Run a child measurement; returns its JSON plus peak RSS (MiB) and the load average."""
+    """Run a child measurement; returns its JSON with its peak RSS (MiB, from wait4) and the load average."""
     cmd = [sys.executable, __file__, "--child", kind, json.dumps(spec)]
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
@@ -158,7 +150,7 @@ def run_child(kind: str, spec: dict) -> dict:
         if status != 0:
             raise SystemExit(f"{kind} {spec} failed:\n{err.read().decode()[-3000:]}")
         data = json.loads(out.read().decode().strip().splitlines()[-1])
-    data["peak_rss_mib"] = usage.ru_maxrss / 1024
+    data["peak_mib"] = usage.ru_maxrss / 1024
     data["load"] = os.getloadavg()[0]
     return data
 
@@ -172,12 +164,6 @@ def say(line: str) -> None:
     print(line, flush=True)
 
 
-def describe(row: dict) -> str:
-    top = row["levels"][-1]
-    tiles = f"tile {top['tile']} + halo {top['halo']}" if top["tile"] else "whole image"
-    return f"{tiles}, history {top['history']} ({top.get('history_dtype', 'float32')})"
-
-
 def part_tiling(args) -> dict:
     size, tile = args.base, args.base // 2
     say(f"\n== 1. {size} px: whole image against --tile {tile} ({args.iterations} iterations, float32)")
@@ -185,8 +171,8 @@ def part_tiling(args) -> dict:
     tiled = run_child("run", {**images(args),
                               "settings": settings(size, args.iterations, tile=tile)})
     for name, row in (("whole image", whole), (f"tile {tile}", tiled)):
-        say(f"  {name:<12} {row['per_iteration']:7.2f} s/iteration   peak RSS {row['peak_rss_mib']:7.0f} MiB   "
-            f"[{describe(row)}; load {row['load']:.1f}]")
+        say(f"  {name:<12} {row['per_iteration']:7.2f} s/iteration   peak RSS {row['peak_mib']:7.0f} MiB   "
+            f"[{describe_plan(row)}; load {row['load']:.1f}]")
     ratio = tiled["per_iteration"] / whole["per_iteration"]
     say(f"  tiled / whole: {ratio:.2f}x time per iteration (target <= 2x: {'met' if ratio <= 2 else 'NOT met'})")
     parts = run_child("breakdown", {**images(args), "size": size, "tile": tile,
@@ -203,17 +189,7 @@ def part_budget(args, whole: dict, size: int, iterations: int, precision: str = 
                             "settings": settings(size, iterations, max_memory=budget or args.budget,
                                                  precision=precision)})
     w, h = row["sizes"][-1]
-    bw, bh = whole["sizes"][-1]
-    per_mp = row["per_iteration"] / (w * h / 1e6)
-    base_mp = whole["per_iteration"] / (bw * bh / 1e6)
-    budget_mib = row["levels"][-1]["budget_bytes"] / 2**20
-    over = row["peak_rss_mib"] / budget_mib
-    say(f"  {w}x{h} {precision}: {row['per_iteration']:.1f} s/iteration, {per_mp:.2f} s per MP-iteration "
-        f"({per_mp / base_mp:.2f}x the whole-image {max(bw, bh)} px row; target <= 2x: "
-        f"{'met' if per_mp <= 2 * base_mp else 'NOT met'}); peak RSS {row['peak_rss_mib']:.0f} MiB = "
-        f"{over:.0%} of the budget (target <= 110%: {'met' if over <= 1.1 else 'NOT met'}); "
-        f"budget {budget_mib:.0f} MiB, estimate {row['levels'][-1]['estimate_bytes'] / 2**20:.0f} MiB; "
-        f"{describe(row)}; {row['seconds']:.0f} s in all [load {row['load']:.1f}]")
+    say(f"  {w}x{h} {precision}: {budget_line(row, whole)}")
     # L-BFGS allocates its history (a ring buffer) at the first step; its pages become resident as steps fill
     # them, so a row of fewer steps than the history leaves part of it out (see the bf16 row).
 
@@ -231,19 +207,9 @@ def part_schedule(args, workdir: Path) -> None:
                                 "settings": dict(base, size=top // 4), **scaled})
     printed = run_child("run", {**images(args), "output": paths["print"],
                                 "settings": dict(base, size=top), **scaled})
-    for name, row in (("preview", preview), ("print", printed)):
-        levels = ", ".join(f"{max(lv['size'])}" + (f" tile {lv['tile']}" if lv["tile"] else "")
-                           + f": {n} it {sec:.0f} s"
-                           for lv, n, sec in zip(row["levels"], row["level_iterations"], row["level_seconds"]))
-        say(f"  {name:<8} {row['seconds']:7.0f} s   levels {levels}   peak RSS {row['peak_rss_mib']:.0f} MiB "
-            f"[load {row['load']:.1f}]")
-    say(f"  print / preview time: {printed['seconds'] / preview['seconds']:.1f}x")
     judged = run_child("judge", {**images(args), "images": paths, "size": top // 4})
-    for loss in ("content", "style"):
-        a, b = judged["print"][loss], judged["preview"][loss]
-        diff = abs(a - b) / max(a, b)
-        say(f"  judged at {top // 4} px, {loss}: print {a:.4g}, preview {b:.4g}: {diff:.0%} apart "
-            f"(target <= 15%: {'met' if diff <= 0.15 else 'NOT met'})")
+    for line in print_against_preview({"preview": preview, "print": printed}, judged, top // 4):
+        say(f"  {line}")
 
 
 def main() -> None:

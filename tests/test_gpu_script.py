@@ -20,3 +20,11 @@ def test_gpu_script_prints_every_figure(tmp_path):
         assert figure in text, f"{figure!r} missing from:\n{text}"
     assert "12 of 12 jobs done" in text  # 4 mixed-shape photos x 3 styles through the real flow
     assert "not in the run summary" not in text
+    # part 5, print sizes (issue 13): the one-level rows under the default budget and max_memory, then the
+    # print schedule against its preview; their lines, not their figures
+    for line in ("print size 128x128", "  default budget (float32): ", "  max_memory 6GiB (float32): ",
+                 "print schedule to 256 px against the default 64 px run", "  print / preview time: ",
+                 "  judged at 64 px, content: print ", "  judged at 64 px, style: print "):
+        assert line in text, f"{line!r} missing from:\n{text}"
+    for figure in ("s per MP-iteration", "of the budget", "history", "levels 64: "):
+        assert figure in text, f"{figure!r} missing from:\n{text}"
