@@ -186,18 +186,23 @@ def catalog_throughput(device: str, per_batch: int, photos: int, size: int, iter
     print("device utilization: " + ("not in the run summary" if utilization is None else f"{utilization:.2f}"))
 
 
+def fresh_run(engine: Engine, content, style, settings: Settings):
+    """``engine.run`` after handing the allocator's cached blocks back: the default budget is 90% of the
+    device's free memory."""
+    if engine.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return engine.run(content, [style], settings)
+
+
 def print_sizes(engine: Engine, style, size: int, iterations: int, budget: str, precision: str) -> None:
     """One level at ``size`` px, square: the default memory budget against ``budget``."""
-    device = engine.device
-    peak = "peak allocated" if device.type == "cuda" else "peak RSS"
+    peak = "peak allocated" if engine.device.type == "cuda" else "peak RSS"
     print(f"\nprint size {size}x{size} ({SQUARE.name}), one level, {iterations} iterations, precision {precision}:")
     whole = None
     for label, max_memory in (("default budget", None), (f"max_memory {budget}", budget)):
-        if device.type == "cuda":
-            torch.cuda.empty_cache()  # the default budget is 90% of the free memory
         s = Settings(size=size, scales=1, iterations=iterations, tolerance=0, max_memory=max_memory,
                      precision=precision)
-        row = run_summary(engine.run(load(SQUARE), [style], s))
+        row = run_summary(fresh_run(engine, load(SQUARE), style, s))
         whole = whole or row
         print(f"  {label} ({row['precision']}): {budget_line(row, whole, peak)}")
 
@@ -208,7 +213,7 @@ def print_schedule(engine: Engine, content, style, size: int, preview: int, extr
     peak = "peak allocated" if engine.device.type == "cuda" else "peak RSS"
     print(f"\nprint schedule to {size} px against the default {preview} px run "
           f"({', '.join(f'{k} {v}' for k, v in extra.items()) or 'the defaults'}):")
-    results = {name: engine.run(content, [style], Settings(size=n, **extra))
+    results = {name: fresh_run(engine, content, style, Settings(size=n, **extra))
                for name, n in (("preview", preview), ("print", size))}
     judged = {name: engine.judge(r.image, content, [style], Settings(), size=preview) for name, r in results.items()}
     rows = {name: run_summary(r) for name, r in results.items()}

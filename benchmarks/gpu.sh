@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# The GPU benchmark end to end on one CUDA machine (under 5 minutes on an H100/H200):
-# per-iteration time and TFLOP/s against the measured bf16 conv peak, the default schedule's quality,
-# and images/hour, batch occupancy and device utilization through the stylize-catalog flow.
+# The GPU benchmark end to end on one CUDA machine (under 5 minutes on an H100/H200, estimated: the print
+# sizes add about a minute; no run on a GPU yet): per-iteration time and TFLOP/s against the measured bf16
+# conv peak, the default schedule's quality, images/hour, batch occupancy and device utilization through the
+# stylize-catalog flow, and print sizes (issue 13): 4096x4096 under the default and a 6GiB memory budget,
+# and the default 4096 px print schedule against its 512 px preview.
 #
 #   benchmarks/gpu.sh                        # on the GPU
+#   benchmarks/gpu.sh --skip-print           # without the print sizes
 #   benchmarks/gpu.sh --device cpu --quick   # checks the script on the CPU (tests/test_gpu_script.py)
 #
 # Python: $PYTHON if set, else the repository's .venv (carry it: it has torch, Prefect and the weights),
