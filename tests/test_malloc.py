@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from stylize.engine.malloc import user_tunes_malloc
+from stylize.engine.malloc import tight, user_tunes_malloc
 
 glibc_only = pytest.mark.skipif(
     platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's malloc only"
@@ -152,7 +152,7 @@ state = Engine("cpu").malloc
 def rss():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * 4096
-started = start_level(int(sys.argv[1]))
+started = start_level(int(sys.argv[1]), sys.argv[2] == "tight")
 block = torch.ones(2**22)  # 16 MiB
 pin = torch.ones(1000)  # above it: the heap cannot shrink from the top
 before = rss()
@@ -161,14 +161,20 @@ print(json.dumps({"state": state, "started": started, "dropped": before - rss()}
 """
 
 
+def test_a_level_is_tight_when_its_estimate_is_near_its_budget():
+    assert tight(700, 1000) and not tight(500, 1000) and not tight(700, None)
+
+
 @glibc_only
-@pytest.mark.parametrize("pixels, unmapped", [(2048 * 1362, True), (512 * 341, False)])
-def test_a_prints_levels_map_their_blocks_on_their_own(pixels, unmapped):
-    """At a level of RELEASE_EACH_STEP_PIXELS or more, a block of LARGE_LEVEL_MMAP_THRESHOLD (4 MiB) or more
-    goes back to the kernel when freed, so it leaves no resident hole in the heap; a smaller level keeps
-    its 16 MiB blocks for the next iteration."""
+@pytest.mark.parametrize("pixels, budget, unmapped", [(2048 * 1362, "tight", True), (512 * 341, "tight", False),
+                                                      (2048 * 1362, "roomy", False)])
+def test_a_prints_levels_map_their_blocks_on_their_own(pixels, budget, unmapped):
+    """At a level of RELEASE_EACH_STEP_PIXELS or more whose estimate is near its budget, a block of
+    LARGE_LEVEL_MMAP_THRESHOLD (4 MiB) or more goes back to the kernel when freed, so it leaves no resident
+    hole in the heap; a smaller level, or one with room under its budget, keeps its 16 MiB blocks for the
+    next iteration."""
     environ = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
-    out = subprocess.run([sys.executable, "-c", START_PROBE, str(pixels)], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-c", START_PROBE, str(pixels), budget], capture_output=True, text=True,
                          env=environ, check=True)
     result = json.loads(out.stdout.splitlines()[-1])
     assert result["state"] == "tuned" and result["started"]

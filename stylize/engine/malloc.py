@@ -40,10 +40,12 @@ within it: its blocks of 4-64 MiB (a tile's activations, and at 2048 px the
 peaked at 4199 MiB RSS for 2347 MiB of live blocks. So
 :func:`start_level`, which ``Engine`` calls as each level starts, sets the
 mmap threshold to LARGE_LEVEL_MMAP_THRESHOLD (4 MiB) for levels of
-RELEASE_EACH_STEP_PIXELS or more, and back to MMAP_THRESHOLD below: the same
-level then peaked at 3021 MiB (issue 13, notes/13-bf16.md), with no
-slowdown visible beside the shared machine's load (33 s an iteration at
-load 4-5 against 44 s at load 6-7).
+RELEASE_EACH_STEP_PIXELS or more whose estimate is close to their budget
+(:func:`tight`), and back to MMAP_THRESHOLD otherwise: the same level then
+peaked at 3021 MiB (issue 13, notes/13-bf16.md). It costs system time (each
+freed block is unmapped, each new one faulted in again): on the idle host a
+tiled 1024 px level ran 12% slower with it, so a level with room under its
+budget does without.
 
 It changes a process-wide setting, so
 ``Engine`` calls it only for CPU engines (``retain_memory=False`` opts out),
@@ -74,6 +76,18 @@ RELEASE_EACH_STEP_PIXELS = 1024 * 512
 #: The mmap threshold on levels of RELEASE_EACH_STEP_PIXELS or more (see the module docstring and
 #: :func:`start_level`).
 LARGE_LEVEL_MMAP_THRESHOLD = 4 * 2**20
+
+#: A level whose estimate is at most this share of its budget keeps the 64 MiB threshold: the most a level's
+#: peak RSS was measured above its estimate with it is 1.44x (4199 MiB for 2922, notes/13-bf16.md), which
+#: still fits. Mapping 4-64 MiB blocks on their own costs time: a 1024x681 float32 level in tiles of 512 px
+#: spent 22.8 s of system time in 10 iterations against 5.8 s, 7.2 s an iteration against 6.4 (2026-12-07).
+TIGHT_SHARE = 0.6
+
+
+def tight(estimate: int, budget: int | None) -> bool:
+    """Whether a level's ``estimate`` (bytes) is close enough to its ``budget`` to map 4 MiB blocks on their own."""
+    return budget is not None and estimate > TIGHT_SHARE * budget
+
 
 #: mallopt takes a C int.
 LARGEST = 2**31 - 1
@@ -134,13 +148,14 @@ def release_freed_memory() -> bool:
     return bool(_libc().malloc_trim(0))
 
 
-def start_level(pixels: int) -> bool:
-    """As a level of ``pixels`` (all images) starts: the mmap threshold for its size, then
-    :func:`release_freed_memory`. True if malloc is tuned (see the module docstring)."""
+def start_level(pixels: int, tight: bool = True) -> bool:
+    """As a level of ``pixels`` (all images) starts: the mmap threshold for its size and budget (``tight``:
+    its estimate is near its budget, see :func:`tight`), then :func:`release_freed_memory`. True if malloc is
+    tuned (see the module docstring)."""
     if _state != "tuned":
         return False
-    large = pixels >= RELEASE_EACH_STEP_PIXELS
-    _libc().mallopt(M_MMAP_THRESHOLD, LARGE_LEVEL_MMAP_THRESHOLD if large else MMAP_THRESHOLD)
+    small_blocks = pixels >= RELEASE_EACH_STEP_PIXELS and tight
+    _libc().mallopt(M_MMAP_THRESHOLD, LARGE_LEVEL_MMAP_THRESHOLD if small_blocks else MMAP_THRESHOLD)
     return release_freed_memory()
 
 

@@ -37,7 +37,8 @@ from stylize.engine.hardware import peak_memory, resolve_device, resolve_precisi
 from stylize.engine.layout import Layout
 from stylize.engine.lbfgs import BatchedLBFGS
 from stylize.engine.losses import Valid, gram
-from stylize.engine.malloc import RELEASE_EACH_STEP_PIXELS, release_freed_memory, retain_freed_memory, start_level
+from stylize.engine.malloc import (RELEASE_EACH_STEP_PIXELS, release_freed_memory, retain_freed_memory, start_level,
+                                   tight)
 from stylize.engine.objective import Anchor, Objective, run_features
 from stylize.engine.schedule import (anchor_level, converged, level_iterations, level_settings, level_sizes,
                                      print_scales)
@@ -591,7 +592,7 @@ class Engine:
                                                               field="tile")
             try:
                 if self.device.type == "cpu":  # a print's levels map their blocks on their own (malloc.start_level)
-                    start_level(h * w * start.shape[0])
+                    start_level(h * w * start.shape[0], tight(plan.estimate, plan.budget))
                 objective = self._objective(c_target, style_grams, tiles, valid, s, anchor)
                 if self.device.type == "cpu":  # the levels before and the target passes leave free pages behind
                     release_freed_memory()
