@@ -26,7 +26,10 @@ bounds the process's RSS, and during a pass the heap keeps freed blocks under
 the mmap threshold resident (``stylize.engine.malloc``). float32 was measured
 with ``/usr/bin/time``-style peak RSS (``benchmarks/large.py``): the fused
 whole-image pass about 2.1 kB per pixel at 512 px, a tile's autograd pass
-about 3.5 kB per pixel of its outer box. bfloat16 (the CPU's default) with
+about 3.5 kB per pixel of its outer box; the tile pass on the fused backward,
+with ``benchmarks/pass_memory.py`` on a 2048x1362 image (2026-12-07, load
+5-7): 3.5 kB of RSS (1.7 kB live) per outer pixel for tiles of 512 px, 2.5 kB
+for 768, 1.7 kB for 1024, so 3800 still bounds it. bfloat16 (the CPU's default) with
 ``benchmarks/pass_memory.py`` (one evaluation's loss and gradient from a
 trimmed heap, RSS sampled every 5 ms; issue 13, notes/13-bf16.md):
 
