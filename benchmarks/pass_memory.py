@@ -101,7 +101,7 @@ def child(spec: dict) -> dict:
     from stylize.engine.malloc import release_freed_memory, start_level
 
     rss, live = _probes()
-    start_level(spec["size"] * spec["size"])  # the engine's setting for a level of about this size near its budget
+    start_level(spec["size"] * spec["size"], near_budget=True)  # the engine's, for a level of this size near its budget
     objective, x, pixels, size = _objective(spec)
     out = {"size": size, "pixels": pixels, "evaluations": []}
     for _ in range(2):

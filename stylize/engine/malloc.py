@@ -148,13 +148,13 @@ def release_freed_memory() -> bool:
     return bool(_libc().malloc_trim(0))
 
 
-def start_level(pixels: int, tight: bool = True) -> bool:
-    """As a level of ``pixels`` (all images) starts: the mmap threshold for its size and budget (``tight``:
-    its estimate is near its budget, see :func:`tight`), then :func:`release_freed_memory`. True if malloc is
-    tuned (see the module docstring)."""
+def start_level(pixels: int, near_budget: bool) -> bool:
+    """As a level of ``pixels`` (all images) starts: the mmap threshold for its size and budget
+    (``near_budget``: see :func:`tight`), then :func:`release_freed_memory`. True if malloc is tuned (see the
+    module docstring)."""
     if _state != "tuned":
         return False
-    small_blocks = pixels >= RELEASE_EACH_STEP_PIXELS and tight
+    small_blocks = pixels >= RELEASE_EACH_STEP_PIXELS and near_budget
     _libc().mallopt(M_MMAP_THRESHOLD, LARGE_LEVEL_MMAP_THRESHOLD if small_blocks else MMAP_THRESHOLD)
     return release_freed_memory()
 

@@ -75,9 +75,9 @@ def level_settings(settings: Settings, k: int, preview: int | None) -> Settings:
     At twice the preview's size, that level's deep layers (relu4_1, relu5_1) see the bands of the picture
     that the preview's relu3_1 and relu4_1 see in the anchor (``objective.Anchor``), and pull them their own
     way: they re-compose the picture where the print should only add detail. Measured on the default 2048 px
-    print (benchmarks/large.py part 3, the print shrunk to 512 px and judged against its preview), the
-    print's style loss went from 1.22x the preview's (relu4_1 1.22x) to 1.00x (relu4_1 0.99x), content
-    1.02x to 1.04x. Dropping them on every level above the preview also gave 0.99x, but its 1:1 detail
+    print, shrunk to 512 px and judged against its preview (``Engine.judge``, as benchmarks/large.py part 3
+    does), the print's style loss went from 1.22x the preview's (relu4_1 1.22x) to 1.00x (relu4_1 0.99x),
+    content 1.02x to 1.04x; large.py part 3 with this rule: style 0.98x, content 1.04x. Dropping them on every level above the preview also gave 0.99x, but its 1:1 detail
     became a uniform fine grain: the top level keeps every layer, and with them its long brush strokes.
     """
     if preview is None or k != preview + 1:
