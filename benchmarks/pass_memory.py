@@ -98,10 +98,11 @@ def _objective(spec: dict):
 
 def child(spec: dict) -> dict:
     """Two evaluations of the spec's objective; per evaluation the peak RSS and live bytes per pixel."""
-    from stylize.engine.malloc import release_freed_memory, start_level
+    from stylize.engine.malloc import release_freed_memory, retain_freed_memory, start_level
 
     rss, live = _probes()
-    start_level(spec["size"] * spec["size"], near_budget=True)  # the engine's, for a level of this size near its budget
+    retain_freed_memory()  # as Engine does; start_level only adjusts a tuned malloc
+    start_level(spec["size"] * spec["size"], near_budget=not spec["roomy"])  # the engine's, for a level this size
     objective, x, pixels, size = _objective(spec)
     out = {"size": size, "pixels": pixels, "evaluations": []}
     for _ in range(2):
@@ -132,7 +133,8 @@ def row(args, dtype: str, size: int, tile: int | None) -> None:
 
     from stylize.engine import budget
 
-    spec = {"content": str(args.content), "style": str(args.style), "dtype": dtype, "size": size, "tile": tile}
+    spec = {"content": str(args.content), "style": str(args.style), "dtype": dtype, "size": size, "tile": tile,
+            "roomy": args.roomy}
     cmd = [sys.executable, __file__, "--child", json.dumps(spec)]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     if done.returncode != 0:
@@ -160,10 +162,13 @@ def main() -> None:
     parser.add_argument("--whole", default="512,1024,1536", help="whole-image sizes (longest side), or ''")
     parser.add_argument("--tiles", default="512,768,1024", help="tile cores, or ''")
     parser.add_argument("--tile-image", type=int, default=2048, help="the tiled rows' image size (longest side)")
+    parser.add_argument("--roomy", action="store_true",
+                        help="malloc as for a level far below its budget (malloc.tight): 64 MiB blocks and up mapped")
     args = parser.parse_args()
     args.content, args.style = inputs()
     print(f"benchmarks/pass_memory.py on {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}, "
-          f"{time.strftime('%Y-%m-%d %H:%M')}; bytes per pixel of the pass, evaluation 1 / 2", flush=True)
+          f"{time.strftime('%Y-%m-%d %H:%M')}; bytes per pixel of the pass, evaluation 1 / 2; malloc as for a level "
+          f"{'far below' if args.roomy else 'near'} its budget", flush=True)
     for dtype in args.dtypes.split(","):
         for size in [int(v) for v in args.whole.split(",") if v]:
             row(args, dtype, size, None)

@@ -20,10 +20,10 @@ DATA = Path(__file__).parent / "data"
 LAYERS = dict(content_layers=["relu4_2", "conv3_1"], style_layers=["relu1_1", "conv2_1", "relu3_1", "pool4", "relu5_1"])
 
 
-def evaluate(engine: Engine, settings: Settings, fused: bool, seed: int = 0):
+def evaluate(engine: Engine, settings: Settings, fused: bool, seed: int = 0, size: tuple[int, int] = (48, 64)):
     """Per-image losses and the image gradient of a batch of 2, with different upstream weights."""
     gen = torch.Generator().manual_seed(seed)
-    content = torch.rand(2, 3, 48, 64, generator=gen)
+    content = torch.rand(2, 3, *size, generator=gen)
     style = torch.rand(1, 3, 40, 56, generator=gen)
     x = (content + 0.1 * torch.randn(content.shape, generator=gen)).clamp(0, 1).requires_grad_(True)
     model, dtype = engine.features(settings), engine.dtype(settings)
@@ -53,6 +53,18 @@ def test_fused_equals_autograd_float32(pooling, channels_last):
     assert grad.shape == ref_grad.shape
     assert_rel_close(grad, ref_grad, 1e-5)
     assert grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("pooling", ["max", "avg"])
+def test_fused_equals_autograd_at_odd_sizes(pooling):
+    """Odd sides: every pooling drops a row or column, whose gradient comes only from the layers above
+    (the max pool's backward keeps indices and a sign mask, not its input; ``fused._unpool``)."""
+    engine = Engine("cpu")
+    s = Settings(size=64, precision="float32", pooling=pooling, **LAYERS)
+    (ref_losses, ref_grad), (losses, grad) = (evaluate(engine, s, f, size=(47, 61)) for f in (False, True))
+    for ours, ref in zip(losses, ref_losses):
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=0)
+    assert_rel_close(grad, ref_grad, 1e-5)
 
 
 def test_fused_equals_autograd_bfloat16():

@@ -12,10 +12,14 @@ but the convolutions is bound by memory bandwidth:
   ``baddbmm`` into the buffer, a content layer's by one ``add_``. Autograd
   instead allocates a new tensor for every ReLU backward, for each loss's
   gradient and for their sum (at 512 px each is a 45 MB tensor in block 1).
-* Only what the backward pass needs is kept: ReLU outputs (for the masks and
-  the Gram gradients) and max-pool indices. The frozen convolutions need no
-  inputs for their input gradient beyond the shape, and pooled outputs are
-  not kept.
+* Only what the backward pass needs is kept: the loss layers' outputs (the
+  Gram gradients need them), a one-byte mask for every other ReLU, and for a
+  max pool its indices and the sign of its output (the ReLU below it needs
+  nothing more: its gradient is zero off the argmax). A frozen convolution's
+  input gradient is the transposed convolution of its output's gradient, so
+  no convolution input is kept. Against keeping every ReLU output and
+  convolution input, a float32 pass holds 40% less (1.0 kB per pixel at
+  1024 px instead of 1.6; ``benchmarks/pass_memory.py``), in the same time.
 * No autograd graph is recorded for the VGG pass.
 
 A padded batch (``losses.Valid``, photos of different shapes padded to one
@@ -41,6 +45,7 @@ from typing import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from stylize.engine.features import LAYER_INDEX, VGG19Features
 from stylize.engine.losses import Valid
@@ -91,11 +96,10 @@ class _Stack:
     """One pass through the VGG stack up to the deepest layer the losses use, and what its backward needs.
 
     ``forward`` runs the layers and yields each layer's output; with ``keep`` it
-    saves, per layer, the conv's input, the ReLU's output, the pool's input and
-    max-pool indices (convolutions are frozen: their input gradient needs no
-    more), else nothing. ``backward`` walks the layers in reverse with one
-    gradient buffer, updated in place; ``inject(i, g)`` adds the losses'
-    gradients on layer ``i``'s output into it (``g`` is None until the first).
+    saves, per layer, only what that layer's input gradient needs (``_saved``),
+    else nothing. ``backward`` walks the layers in reverse with one gradient
+    buffer, updated in place; ``inject(i, g)`` adds the losses' gradients on
+    layer ``i``'s output into it (``g`` is None until the first).
     """
 
     def __init__(self, model: VGG19Features, wanted: set[str], valid: Valid | None, keep: bool):
@@ -116,24 +120,28 @@ class _Stack:
             self.masks[-1] = valid.mask(x)
         for i in range(self.deepest + 1):
             layer = self.layers[i]
+            saved: tuple | None = None
             if isinstance(layer, nn.Conv2d):
-                saved = ("conv", x, None)
+                saved = ("conv", x.shape[-2:])
                 x = layer(x)
             elif isinstance(layer, nn.ReLU):
                 # In place unless the conv output is itself a loss layer.
                 x = torch.relu(x) if self.names[i - 1] in self.wanted else torch.relu_(x)
-                saved = ("relu", x, None)
             elif isinstance(layer, nn.MaxPool2d):
-                out, indices = torch.ops.aten.max_pool2d_with_indices(x, [2, 2], [2, 2])
-                saved, x = ("max", x, indices), out
+                x, indices = torch.ops.aten.max_pool2d_with_indices(x, [2, 2], [2, 2])
+                if self.keep:  # the ReLU below keeps nothing: its mask at each argmax is the maximum's sign
+                    saved = ("max", (indices, x > 0, self.shapes[-1][0][-2:]))
+                del indices
             else:
-                saved, x = ("avg", x, None), layer(x)
+                saved, x = ("avg", x.shape), layer(x)
             if valid is not None and not isinstance(layer, nn.Conv2d):
                 valid = valid if isinstance(layer, nn.ReLU) else valid.halved()
-                x.mul_(valid.mask(x))  # a ReLU's saved output too: its backward then masks the gradient
+                x.mul_(valid.mask(x))  # a ReLU's output too, before its mask is taken: its backward then masks
                 if not isinstance(layer, nn.ReLU):
                     self.masks[i] = valid.mask(x)
             if self.keep:
+                if isinstance(layer, nn.ReLU):
+                    saved = ("relu", self._relu_saved(i, x))
                 self.saved.append(saved)
             self.shapes.append((x.shape, x.dtype))
             del saved
@@ -142,12 +150,23 @@ class _Stack:
             else:  # conv outputs are not masked in the stack (the ReLU above does it): mask them for the losses
                 yield i, x, valid.mask(x) if isinstance(layer, nn.Conv2d) else None, valid.counts(x.device)
 
+    def _relu_saved(self, i: int, out: Tensor) -> Tensor | None:
+        """What ReLU ``i``'s backward keeps: nothing before a max pool (the pool keeps its mask's part that
+        matters),
+        its output where the losses or an average pool keep that anyway, else a one-byte mask."""
+        after = self.layers[i + 1] if i + 1 <= self.deepest else None
+        if isinstance(after, nn.MaxPool2d):
+            return None
+        if self.names[i] in self.wanted or isinstance(after, nn.AvgPool2d):
+            return out
+        return out > 0
+
     def backward(self, inject: Callable[[int, Tensor | None], Tensor | None]) -> Tensor:
         """The gradient of the stack's input, from the losses' gradients that ``inject`` adds per layer."""
         g: Tensor | None = None
         for i in range(self.deepest, -1, -1):
-            kind, tensor, indices = self.saved[i]
-            self.saved[i] = None  # activations are dropped as the walk goes down
+            kind, what = self.saved[i]
+            self.saved[i] = None  # what the layer kept is dropped as the walk goes down
             g = inject(i, g)
             if g is None:
                 continue
@@ -155,21 +174,53 @@ class _Stack:
                 g = g * self.masks[i]
             layer = self.layers[i]
             if kind == "relu":
-                g = torch.ops.aten.threshold_backward.grad_input(g, tensor, 0.0, grad_input=g)
+                if what is None:  # the max pool above applied this ReLU's mask
+                    continue
+                if what.dtype == torch.bool:
+                    g = g.mul_(what)
+                else:
+                    g = torch.ops.aten.threshold_backward.grad_input(g, what, 0.0, grad_input=g)
             elif kind == "conv":
-                # The weights are frozen: the input gradient only.
-                g = torch.ops.aten.convolution_backward(
-                    g, tensor, layer.weight, None, list(layer.stride), list(layer.padding), list(layer.dilation),
-                    False, [0, 0], layer.groups, [True, False, False],
-                )[0]
+                # The weights are frozen: the input gradient only, a transposed convolution, which needs the
+                # input's size but not its values.
+                g = _conv_input_grad(g, layer, what)
             elif kind == "max":
-                g = torch.ops.aten.max_pool2d_with_indices_backward(g, tensor, [2, 2], [2, 2], [0, 0], [1, 1],
-                                                                    False, indices)
+                g = _unpool(g, what)
             else:
-                g = torch.ops.aten.avg_pool2d_backward(g, tensor, [2, 2], [2, 2], [0, 0], False, True, None)
+                g = _avg_unpool(g, what)
         if -1 in self.masks:
             g = g * self.masks[-1]
         return g.float()
+
+
+def _unpool(g: Tensor, saved: tuple[Tensor, Tensor, torch.Size]) -> Tensor:
+    """A 2x2 max pool's input gradient, the ReLU below it included: each output's gradient goes to its
+    window's argmax (``indices``) where the maximum is positive (``positive``: that ReLU's mask, read at
+    the argmax)."""
+    indices, positive, size = saved
+    return F.max_unpool2d(g * positive, indices, 2, 2, output_size=size)
+
+
+def _avg_unpool(g: Tensor, shape: torch.Size) -> Tensor:
+    """A 2x2 average pool's input gradient: each output's gradient spread over its window, a quarter each."""
+    ho, wo = g.shape[-2:]
+    grad = torch.empty(shape, dtype=g.dtype, device=g.device, memory_format=_format(g)).zero_()
+    windows = grad[..., : 2 * ho, : 2 * wo].unflatten(3, (wo, 2)).unflatten(2, (ho, 2))
+    windows.copy_((g * 0.25)[:, :, :, None, :, None].expand_as(windows))
+    return grad
+
+
+def _format(t: Tensor) -> torch.memory_format:
+    return torch.channels_last if t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous() \
+        else torch.contiguous_format
+
+
+def _conv_input_grad(g: Tensor, conv: nn.Conv2d, size: torch.Size) -> Tensor:
+    """The gradient of a frozen convolution's input of spatial ``size``: the transposed convolution of the
+    output's gradient (the output padding recovers the size a strided convolution rounded away)."""
+    pad = [size[d] - ((g.shape[2 + d] - 1) * conv.stride[d] - 2 * conv.padding[d]
+                      + conv.dilation[d] * (conv.kernel_size[d] - 1) + 1) for d in range(2)]
+    return F.conv_transpose2d(g, conv.weight, None, conv.stride, conv.padding, pad, conv.groups, conv.dilation)
 
 
 class _FeatureLoss(torch.autograd.Function):
