@@ -1,4 +1,4 @@
-"""Bytes per pixel of one VGG pass with its backward: what ``budget.WHOLE_PASS_BYTES`` and ``TILE_PASS_BYTES`` count.
+"""Bytes per pixel of one VGG pass with its backward: what ``budget.WHOLE_PASS_BYTES`` and ``TILE_PASS_*`` count.
 
 Run from the repository root (each row is its own process):
 
@@ -140,8 +140,10 @@ def row(args, dtype: str, size: int, tile: int | None) -> None:
     if done.returncode != 0:
         raise SystemExit(f"{spec} failed:\n{done.stderr[-3000:]}")
     data = json.loads(done.stdout.strip().splitlines()[-1])
-    table = budget.WHOLE_PASS_BYTES if tile is None else budget.TILE_PASS_BYTES
-    counted = table[getattr(torch, dtype)]
+    if tile is None:
+        counted = budget.WHOLE_PASS_BYTES[getattr(torch, dtype)]
+    else:  # the fixed part spread over the outer box
+        counted = round(budget.TILE_PASS_FIXED / data["pixels"] + budget.TILE_PASS_BYTES[getattr(torch, dtype)])
     evals = data["evaluations"]
     rss = " / ".join(f"{e['rss']:.0f}" for e in evals)
     live = " / ".join(f"{e['live']:.0f}" for e in evals)

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from stylize.engine import schedule
-from stylize.engine.budget import estimate
+from stylize.engine.budget import WHOLE_PASS_BYTES, estimate
 from stylize.engine.layout import Layout, shrink_to
 from stylize.engine.objective import Anchor, Objective, run_features
 from stylize.engine.optimize import Engine
@@ -97,7 +97,7 @@ def test_the_estimate_counts_the_anchor():
     cpu = torch.device("cpu")
     plain = estimate(1365, 2048, 1, 3, s, torch.float32, cpu, None, 50)
     with_anchor = estimate(1365, 2048, 1, 3, s, torch.float32, cpu, None, 50, anchor_pixels=512 * 341)
-    assert with_anchor - plain >= 2400 * 512 * 341 + 3 * 4 * 1365 * 2048
+    assert with_anchor - plain >= WHOLE_PASS_BYTES[torch.float32] * 512 * 341 + 3 * 4 * 1365 * 2048
     # Tiled, the anchor's pass runs after the tiles' passes: the larger of the two counts, not both.
     tiled = estimate(4096, 4096, 1, 3, s, torch.float32, cpu, 512, 5, torch.bfloat16)
     tiled_with_anchor = estimate(4096, 4096, 1, 3, s, torch.float32, cpu, 512, 5, torch.bfloat16,

@@ -21,33 +21,41 @@ The estimate adds what a level holds at its peak:
   the larger of the two), its content targets, and one more image-sized
   vector (the gradient of the shrinking).
 
-Per-pixel costs of the pass are peak RSS, not live tensors: ``--max-memory``
-bounds the process's RSS, and during a pass the heap keeps freed blocks under
-the mmap threshold resident (``stylize.engine.malloc``). float32 was measured
-with ``/usr/bin/time``-style peak RSS (``benchmarks/large.py``): the fused
-whole-image pass about 2.1 kB per pixel at 512 px, a tile's autograd pass
-about 3.5 kB per pixel of its outer box; the tile pass on the fused backward,
-with ``benchmarks/pass_memory.py`` on a 2048x1362 image (2026-12-07, load
-5-7): 3.5 kB of RSS (1.7 kB live) per outer pixel for tiles of 512 px, 2.5 kB
-for 768, 1.7 kB for 1024, so 3800 still bounds it. bfloat16 (the CPU's default) with
+Costs of the pass are peak RSS, not live tensors: ``--max-memory`` bounds
+the process's RSS, and during a pass the heap keeps freed blocks under the
+mmap threshold resident (``stylize.engine.malloc``). They are measured with
 ``benchmarks/pass_memory.py`` (one evaluation's loss and gradient from a
-trimmed heap, RSS sampled every 5 ms; issue 13, notes/13-bf16.md):
+trimmed heap, RSS sampled every 5 ms, malloc as for a level near its budget;
+2026-12-07, after ``fused._Stack`` stopped keeping ReLU outputs and
+convolution inputs; issue 13, notes/13.md):
 
-* the fused whole-image pass holds 1.0 kB per pixel of live tensors at 512,
-  1024 and 1536 px, and 1.14-1.56 kB of RSS (the most at 512-1024 px, where
-  more of its blocks are under the mmap threshold); counted as 1600;
-* a tile's pass (on the fused pass's backward) holds 0.84-1.07 kB per pixel
-  of the outer box (as ``estimate`` counts it) live, 1.14-2.21 kB of RSS
-  (tiles of 1024 down to 512 px on a 2048x1362 image); counted as 2800. The
-  autograd tile pass before it held 1.7-1.9 kB live, 2.1-3.3 kB of RSS, and
-  2300 was a guess: a 4096 px print under 6 GiB peaked at 10.9 GB (178%), a
-  2048 px print's top level under 3 GiB (tiles of 768, 5 bfloat16 pairs, 5
-  steps) at 4127 MiB RSS for an estimate of 3015. Besides the pass, that
-  level held holes of 4-64 MiB blocks (now mapped on their own:
-  ``malloc.start_level``) and a copy of the bfloat16 history in L-BFGS's
-  products (now read in place).
-  ``stylize.engine.tiled``'s pass changes its cost: rerun pass_memory.py's
-  tile rows and large.py's bf16 row after a change there.
+* the whole-image pass: 0.94-0.99 kB per pixel in float32 and 0.69-0.70 kB
+  in bfloat16 at 1024 and 1536 px; at 512 px, where malloc keeps blocks up to
+  64 MiB on the heap whatever the budget, 1.8 kB and 1.3 kB. Counted as 1900
+  and 1350, which cover every size;
+* a tile's pass, per pixel of its outer box (as ``estimate`` counts it,
+  ``min(h, core + 2 halo) x min(w, core + 2 halo)``) on a 2048x1362 image:
+  float32 1188, 957 and 912 B for cores of 512, 768 and 1024 px, bfloat16
+  949, 715 and 636 B. Part of it does not grow with the tile (the image's
+  gradient, the Grams, the passes' small blocks), so it is counted as a fixed
+  TILE_PASS_FIXED plus TILE_PASS_BYTES per pixel: 256 MiB + 850 B in float32
+  (1.22x and 1.14x the 512 and 1024 px figures), 256 MiB + 550 B in bfloat16
+  (1.20x, 1.16x).
+
+A level far below its budget (``malloc.tight``) keeps blocks up to 64 MiB on
+the heap, and its pass's RSS is higher than these figures (up to 2.3x for
+float32 tiles of 512 px; ``pass_memory.py --roomy``): ``malloc.TIGHT_SHARE``
+is the share of the budget below which that still fits. Rerun pass_memory.py
+(both ways) and large.py's part 2 after a change to ``stylize.engine.fused``
+or ``tiled``.
+
+Before the stack kept less, the same benchmark measured 1.64 kB and 1.0 kB per
+pixel for whole-image passes, and 1.85-1.45 kB (float32) and 1.24-0.89 kB
+(bfloat16) for tiles of 512-1024 px; the constants were then 2400/1600 and
+3800/2800 per pixel, the tile ones set from runs of pass_memory.py that had
+measured malloc's roomy setting by mistake (it tuned malloc after the level
+started). With them a 4096x4096 float32 level under 6 GiB ran in tiles of 512
+px, 1.72x its pixels, and missed the 2x time target.
 """
 
 from __future__ import annotations
@@ -62,10 +70,11 @@ from stylize.engine.settings import Settings
 from stylize.engine.tiled import halo_for, layer_geometry
 from stylize.errors import ResourceError
 
-#: Bytes per pixel of one VGG pass and its backward, by dtype: the whole image (fused pass) and a tile's
-#: outer box (autograd pass).
-WHOLE_PASS_BYTES = {torch.float32: 2400, torch.bfloat16: 1600}
-TILE_PASS_BYTES = {torch.float32: 3800, torch.bfloat16: 2800}
+#: Bytes of one VGG pass and its backward, by dtype (see the module docstring): per pixel of the whole
+#: image, and a tile's fixed part plus per pixel of its outer box.
+WHOLE_PASS_BYTES = {torch.float32: 1900, torch.bfloat16: 1350}
+TILE_PASS_FIXED = 256 * 2**20
+TILE_PASS_BYTES = {torch.float32: 850, torch.bfloat16: 550}
 #: Image-sized float32 vectors a level holds at once besides the history (see the module docstring;
 #: tests/test_budget.py counts them), and what the estimate counts: those plus 3 of headroom.
 IMAGE_VECTORS_HELD = 7
@@ -138,7 +147,8 @@ def estimate(height: int, width: int, batch: int, channels: int, settings: Setti
     else:  # the tiles' passes are over (their gradient taken) before the anchor's pass runs
         halo, _ = halo_for(settings.content_layers + settings.style_layers)
         outer = (min(height, tile + 2 * halo) * min(width, tile + 2 * halo)) * batch
-        pass_bytes = max(TILE_PASS_BYTES.get(dtype, TILE_PASS_BYTES[torch.float32]) * outer, anchor_pass)
+        tile_pass = TILE_PASS_FIXED + TILE_PASS_BYTES.get(dtype, TILE_PASS_BYTES[torch.float32]) * outer
+        pass_bytes = max(tile_pass, anchor_pass)
     # The anchor's content targets, and its gradient enlarged back to the image before it is added.
     anchor = content * anchor_pixels + channels * 4 * pixels if anchor_pixels else 0
     fixed = weight_bytes(settings, dtype) + (CPU_RUNTIME_BYTES if device.type == "cpu" else 0)
