@@ -223,8 +223,8 @@ def main() -> None:
     parser.add_argument("--skip-4096", action="store_true", help="leave out the 4096 px row")
     parser.add_argument("--parts", default="123", help="which parts to run, e.g. 13")
     parser.add_argument("--iterations", type=int, default=8,
-                        help="part 1's steps (its whole-image row is part 2's reference: 8 steps, as one
-                        step's time varies by 10-15%% on the shared host)")
+                        help="part 1's steps; its whole-image row is part 2's reference, and one step's time "
+                        "varies by 10-15%% on a shared host")
     parser.add_argument("--top-iterations", type=int, default=1, help="L-BFGS steps at 4096 px")
     parser.add_argument("--schedule-iterations", type=int, help="part 3's iterations (default: the default)")
     parser.add_argument("--budget", default="6GiB")
