@@ -151,15 +151,12 @@ class _Stack:
                 yield i, x, valid.mask(x) if isinstance(layer, nn.Conv2d) else None, valid.counts(x.device)
 
     def _relu_saved(self, i: int, out: Tensor) -> Tensor | None:
-        """What ReLU ``i``'s backward keeps: nothing before a max pool (the pool keeps its mask's part that
-        matters),
-        its output where the losses or an average pool keep that anyway, else a one-byte mask."""
+        """What ReLU ``i``'s backward keeps: nothing before a max pool (the pool keeps the part of its mask
+        that matters), its output where the losses keep that anyway, else a one-byte mask."""
         after = self.layers[i + 1] if i + 1 <= self.deepest else None
         if isinstance(after, nn.MaxPool2d):
             return None
-        if self.names[i] in self.wanted or isinstance(after, nn.AvgPool2d):
-            return out
-        return out > 0
+        return out if self.names[i] in self.wanted else out > 0
 
     def backward(self, inject: Callable[[int, Tensor | None], Tensor | None]) -> Tensor:
         """The gradient of the stack's input, from the losses' gradients that ``inject`` adds per layer."""
