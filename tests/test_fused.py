@@ -55,6 +55,18 @@ def test_fused_equals_autograd_float32(pooling, channels_last):
     assert grad.abs().sum() > 0
 
 
+def test_losses_on_relus_below_a_max_pool():
+    """A loss on a ReLU that a max pool follows: its gradient needs that ReLU's whole mask, not only the
+    part the pool keeps (the pool's indices and sign)."""
+    engine = Engine("cpu")
+    s = Settings(size=64, precision="float32", content_layers=["relu2_2"],
+                 style_layers=["relu1_2", "relu3_4", "relu4_1"])
+    (ref_losses, ref_grad), (losses, grad) = (evaluate(engine, s, f) for f in (False, True))
+    for ours, ref in zip(losses, ref_losses):
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=0)
+    assert_rel_close(grad, ref_grad, 1e-5)
+
+
 @pytest.mark.parametrize("pooling", ["max", "avg"])
 def test_fused_equals_autograd_at_odd_sizes(pooling):
     """Odd sides: every pooling drops a row or column, whose gradient comes only from the layers above

@@ -151,12 +151,13 @@ class _Stack:
                 yield i, x, valid.mask(x) if isinstance(layer, nn.Conv2d) else None, valid.counts(x.device)
 
     def _relu_saved(self, i: int, out: Tensor) -> Tensor | None:
-        """What ReLU ``i``'s backward keeps: nothing before a max pool (the pool keeps the part of its mask
-        that matters), its output where the losses keep that anyway, else a one-byte mask."""
+        """What ReLU ``i``'s backward keeps: its output where the losses keep that anyway (their gradient
+        on it needs the whole mask), else nothing before a max pool (the pool keeps the part of the mask
+        that matters), else a one-byte mask."""
+        if self.names[i] in self.wanted:
+            return out
         after = self.layers[i + 1] if i + 1 <= self.deepest else None
-        if isinstance(after, nn.MaxPool2d):
-            return None
-        return out if self.names[i] in self.wanted else out > 0
+        return None if isinstance(after, nn.MaxPool2d) else out > 0
 
     def backward(self, inject: Callable[[int, Tensor | None], Tensor | None]) -> Tensor:
         """The gradient of the stack's input, from the losses' gradients that ``inject`` adds per layer."""
