@@ -77,8 +77,9 @@ def level_settings(settings: Settings, k: int, preview: int | None) -> Settings:
     way: they re-compose the picture where the print should only add detail. Measured on the default 2048 px
     print, shrunk to 512 px and judged against its preview (``Engine.judge``, as benchmarks/large.py part 3
     does), the print's style loss went from 1.22x the preview's (relu4_1 1.22x) to 1.00x (relu4_1 0.99x),
-    content 1.02x to 1.04x; large.py part 3 with this rule: style 0.98x, content 1.04x. Dropping them on every level above the preview also gave 0.99x, but its 1:1 detail
-    became a uniform fine grain: the top level keeps every layer, and with them its long brush strokes.
+    content 1.02x to 1.04x; large.py part 3 with this rule: style 0.98x and 1.01x, content 1.04x (two runs,
+    2026-12-07). Dropping them on every level above the preview also gave 0.99x, but its 1:1 detail became a
+    uniform fine grain: the top level keeps every layer, and with them its long brush strokes.
     """
     if preview is None or k != preview + 1:
         return settings
