@@ -63,8 +63,10 @@ def test_photos_of_one_shape_share_batches_however_far_apart_in_the_manifest(tmp
     for summary in (alone, together):
         assert summary["device_slots"] == 1
         assert 0 < summary["device_utilization"] <= 1
+        # Both seconds are published to the millisecond and the ratio to 4 places; a run of under
+        # a second moves the ratio of the published figures by up to 1e-3 / seconds.
         assert summary["device_utilization"] == pytest.approx(
-            summary["engine_seconds"] / summary["seconds"], abs=1e-3)
+            summary["engine_seconds"] / summary["seconds"], abs=1e-3 / summary["seconds"] + 1e-4)
 
 
 def test_a_failing_job_in_a_mixed_batch_fails_alone(tmp_path):
