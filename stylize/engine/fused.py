@@ -122,7 +122,7 @@ class _Stack:
             layer = self.layers[i]
             saved: tuple | None = None
             if isinstance(layer, nn.Conv2d):
-                saved = ("conv", x.shape[-2:])
+                saved = ("conv", None)
                 x = layer(x)
             elif isinstance(layer, nn.ReLU):
                 # In place unless the conv output is itself a loss layer.
@@ -179,9 +179,9 @@ class _Stack:
                 else:
                     g = torch.ops.aten.threshold_backward.grad_input(g, what, 0.0, grad_input=g)
             elif kind == "conv":
-                # The weights are frozen: the input gradient only, a transposed convolution, which needs the
-                # input's size but not its values.
-                g = _conv_input_grad(g, layer, what)
+                # The weights are frozen: the input gradient only, a transposed convolution, which needs no
+                # input. VGG's convolutions (3x3, stride 1, padding 1) keep the size, so it comes back whole.
+                g = F.conv_transpose2d(g, layer.weight, None, 1, layer.padding)
             elif kind == "max":
                 g = _unpool(g, what)
             else:
@@ -211,14 +211,6 @@ def _avg_unpool(g: Tensor, shape: torch.Size) -> Tensor:
 def _format(t: Tensor) -> torch.memory_format:
     return torch.channels_last if t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous() \
         else torch.contiguous_format
-
-
-def _conv_input_grad(g: Tensor, conv: nn.Conv2d, size: torch.Size) -> Tensor:
-    """The gradient of a frozen convolution's input of spatial ``size``: the transposed convolution of the
-    output's gradient (the output padding recovers the size a strided convolution rounded away)."""
-    pad = [size[d] - ((g.shape[2 + d] - 1) * conv.stride[d] - 2 * conv.padding[d]
-                      + conv.dilation[d] * (conv.kernel_size[d] - 1) + 1) for d in range(2)]
-    return F.conv_transpose2d(g, conv.weight, None, conv.stride, conv.padding, pad, conv.groups, conv.dilation)
 
 
 class _FeatureLoss(torch.autograd.Function):
